@@ -1,0 +1,46 @@
+# One-command set-up: `make test` and `make demo` create .venv and install everything they need.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+# Two cores here: pytest runs in one process using both threads for torch.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test lint demo fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing dscl and its dependencies into $(VENV) (first time: a few minutes)"
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+		| { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+# Fashion-MNIST: the Debian package when we are root with apt, else torchvision's downloader.
+fashion-mnist:
+	@if [ -e $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$DSCL_DATA" -a -d "$$DSCL_DATA/fashion-mnist" ]; then \
+		echo "Fashion-MNIST found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "no Debian package: the demo will download Fashion-MNIST with torchvision"; \
+	fi
+
+demo: $(STAMP) fashion-mnist
+	@dl=false; [ -e $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$DSCL_DATA" ] || dl=true; \
+	$(VENV)/bin/dscl run --config configs/fashion_mnist_lt.yaml --name demo --overwrite data.download=$$dl
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

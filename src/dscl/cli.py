@@ -1,0 +1,297 @@
+"""The ``dscl`` command: pretrain, classify, evaluate, run, report, predict, export, config.
+
+User errors (bad config, bad data, wrong checkpoint, unusable run folder) print one line and exit
+with code 2, checked before any training starts. ``DSCL_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from dscl import __version__
+
+RUN_FILES = (
+    "pretrain.pt", "last.pt", "best.pt", "metrics.json", "train_log.jsonl", "report.html",
+    "config.yaml",
+)
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used (unwritable, or holds a finished run)."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file or shipped config name (e.g. fashion_mnist_lt)")
+    p.add_argument("--name", help="run name: the run folder is <output_dir>/<name>")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dscl",
+        description="Long-tailed recognition with Decoupled Supervised Contrastive Learning and "
+        "Patch-Based Self Distillation.",
+    )
+    parser.add_argument("--version", action="version", version=f"dscl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("pretrain", "stage 1: contrastive representation learning (or ce)"),
+        ("run", "stage 1, stage 2, test evaluation and report in one go"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--overwrite", action="store_true", help="replace a finished run")
+        p.add_argument("--resume", action="store_true", help="continue from pretrain.pt")
+    p = sub.add_parser("classify", help="stage 2: balanced linear classifier on a stage-1 model")
+    _add_config_args(p)
+    p.add_argument("--pretrained", help="stage-1 checkpoint (default: <run>/pretrain.pt)")
+    p = sub.add_parser("evaluate", help="evaluate a stage-2 checkpoint and write metrics.json")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="stage-2 checkpoint (default: <run>/best.pt)")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p = sub.add_parser("report", help="rebuild report.html of a run folder")
+    p.add_argument("run_dir")
+    p = sub.add_parser("predict", help="top-k classes of images (files or folders)")
+    p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint (best.pt)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("paths", nargs="+")
+    p = sub.add_parser("export", help="backbone weights as a plain torchvision-style state_dict")
+    p.add_argument("--checkpoint", required=True, help="pretrain.pt, last.pt or best.pt")
+    p.add_argument("--output", required=True, help="file to write (torch.save)")
+    p = sub.add_parser("config", help="print the resolved config")
+    _add_config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dscl.checkpoint import CheckpointError
+    from dscl.config import ConfigError
+    from dscl.data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError, RunFolderError, ValueError) as err:
+        if os.environ.get("DSCL_DEBUG"):
+            raise
+        print(f"dscl: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"dscl: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dscl: interrupted", file=sys.stderr)
+        return 130
+
+
+def resolve_config(args: argparse.Namespace, *, prefer_run_config: bool = False):
+    """Defaults <- --config (or the run folder's config.yaml) <- overrides <- --name."""
+    from dscl.config import build_config
+
+    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
+    config_file = args.config
+    if config_file is None and prefer_run_config:
+        probe = build_config(None, overrides)
+        saved = Path(probe.output_dir) / probe.name / "config.yaml"
+        config_file = saved if saved.is_file() else None
+    return build_config(config_file, overrides)
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Check the run folder before any work: writable, and not a finished run to clobber."""
+    finished = (run_dir / "metrics.json").is_file() or (run_dir / "best.pt").is_file()
+    if run_dir.exists() and not (overwrite or resume):
+        if finished or (run_dir / "pretrain.pt").is_file():
+            raise RunFolderError(
+                f"{run_dir}: already holds a run; use --overwrite to replace it, --resume to "
+                "continue it, or --name for a new one"
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(f"{run_dir}: run folder is not writable ({err.strerror})") from None
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+
+
+def make_context(cfg, run_dir: Path):
+    """Distributed set-up, device, precision, data splits and logger for one command."""
+    import torch
+
+    from dscl import dist
+    from dscl.data import build_splits
+    from dscl.data.views import ViewConfig
+    from dscl.engine import runtime
+    from dscl.engine.pretrain import StageContext
+
+    d = cfg.data
+    splits = build_splits(  # data problems surface here, before any process group or training
+        d.name,
+        d.root,
+        n_max=d.n_max,
+        imbalance_ratio=d.imbalance_ratio,
+        seed=d.seed,
+        val_per_class=d.val_per_class,
+        skip_bad_images=d.skip_bad_images,
+        download=d.download,
+        **d.extra,
+    )
+    _, _, local_rank = dist.init_distributed()
+    runtime.set_threads(cfg.threads)
+    device = runtime.select_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    runtime.seed_everything(cfg.seed + dist.get_rank())
+    view_cfg = ViewConfig(
+        view_size=d.image_size,
+        patch_size=d.patch_size,
+        num_patches=d.num_patches,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+    )
+    logger = runtime.RunLogger(run_dir, progress=cfg.progress)
+    ctx = StageContext(cfg, run_dir, device, runtime.amp_dtype(cfg.amp, device), splits, view_cfg,
+                       logger)
+    summary = splits.summary(d.many_threshold, d.few_threshold)
+    logger.info(
+        f"data {d.name}: {summary.get('num_train', len(splits.train))} training images, "
+        f"{splits.num_classes} classes; device {device}, world {dist.get_world_size()}"
+    )
+    return ctx
+
+
+def _write_config(cfg, run_dir: Path) -> None:
+    from dscl import dist
+    from dscl.config import config_to_yaml
+
+    if dist.is_main_process():
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+
+def cmd_pretrain(args, *, then_classify: bool = False) -> int:
+    cfg = resolve_config(args)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume)
+    ctx = make_context(cfg, run_dir)
+    _write_config(cfg, run_dir)
+    from dscl.engine.pretrain import pretrain
+
+    stage1 = pretrain(ctx, resume=args.resume)
+    ctx.logger.info(f"stage 1 checkpoint: {stage1}")
+    if then_classify:
+        _classify_evaluate(ctx, stage1)
+    ctx.logger.close()
+    return 0
+
+
+def _classify_evaluate(ctx, stage1: Path) -> None:
+    from dscl import dist
+    from dscl.engine.classifier import evaluate_checkpoint, train_classifier
+    from dscl.engine.evaluate import format_metrics_table
+
+    best = train_classifier(ctx, stage1)
+    dist.barrier()
+    metrics = evaluate_checkpoint(ctx, best, "test")
+    if dist.is_main_process():
+        from dscl.report import write_report
+
+        report = write_report(ctx.run_dir)
+        print(format_metrics_table(metrics))
+        print(f"report: {report}")
+
+
+def cmd_run(args) -> int:
+    return cmd_pretrain(args, then_classify=True)
+
+
+def cmd_classify(args) -> int:
+    cfg = resolve_config(args, prefer_run_config=True)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    stage1 = Path(args.pretrained) if args.pretrained else run_dir / "pretrain.pt"
+    from dscl.checkpoint import CheckpointError
+
+    if not stage1.is_file():
+        raise CheckpointError(f"{stage1}: stage-1 checkpoint not found (run dscl pretrain first)")
+    prepare_run_dir(run_dir, overwrite=False, resume=True)
+    ctx = make_context(cfg, run_dir)
+    _classify_evaluate(ctx, stage1)
+    ctx.logger.close()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    cfg = resolve_config(args, prefer_run_config=True)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    path = Path(args.checkpoint) if args.checkpoint else run_dir / "best.pt"
+    from dscl.checkpoint import CheckpointError
+    from dscl.engine.classifier import evaluate_checkpoint
+    from dscl.engine.evaluate import format_metrics_table
+    from dscl.report import write_report
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    prepare_run_dir(run_dir, overwrite=False, resume=True)
+    ctx = make_context(cfg, run_dir)
+    metrics = evaluate_checkpoint(ctx, path, args.split)
+    print(format_metrics_table(metrics))
+    print(f"report: {write_report(run_dir)}")
+    ctx.logger.close()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dscl.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: no such run folder")
+    print(write_report(run_dir))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from dscl.config import config_to_yaml
+
+    print(config_to_yaml(resolve_config(args)), end="")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from dscl.predict import predict_paths
+
+    for path, top in predict_paths(Path(args.checkpoint), [Path(p) for p in args.paths], args.topk):
+        ranked = ", ".join(f"{name} {prob:.3f}" for name, prob in top)
+        print(f"{path}\t{ranked}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dscl.predict import export_backbone
+
+    out = export_backbone(Path(args.checkpoint), Path(args.output))
+    print(out)
+    return 0
+
+
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "run": cmd_run,
+    "classify": cmd_classify,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "config": cmd_config,
+    "predict": cmd_predict,
+    "export": cmd_export,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Typed run configuration: dataclass defaults <- YAML file <- ``key.sub=value`` overrides.
+
+Every key is checked: an unknown key or a value of the wrong type raises :class:`ConfigError`
+naming the key (and the file), before any work starts. The resolved config is written to the run
+folder and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("ce", "supcon", "dscl", "supcon+pbsd", "dscl+pbsd")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist_lt"  # a name from dscl.data.DATASETS
+    root: str | None = None  # dataset folder; None: the dataset's default search path
+    n_max: int | None = None  # images in the largest class (None: the dataset's default)
+    imbalance_ratio: float | None = None  # n_max / n_min (None: the dataset's default)
+    seed: int = 0  # which images the long-tailed subset keeps
+    val_per_class: int = 20  # validation images per class where none are published
+    skip_bad_images: bool = False
+    download: bool = False  # allow torchvision's downloaders (never needed offline)
+    extra: dict[str, Any] = field(default_factory=dict)  # list-file paths, image root, ...
+    image_size: int = 28  # view size in pixels (S)
+    patch_size: int | None = None  # None: round(S * 64 / 224)
+    num_patches: int = 5  # L
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    num_workers: int = 0  # DataLoader workers for the per-sample path
+    batched_views: bool = True  # build views on the device when the dataset fits in memory
+    many_threshold: int = 100  # Many: more than this many training images
+    few_threshold: int = 20  # Few: fewer than this many
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet32"
+    embed_dim: int = 128  # D
+    pretrained: bool = False  # torchvision weights (a download; off by default)
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 200
+    batch_size: int = 256  # B, global over all processes
+    base_lr: float = 0.1  # lr at batch 256; lr = base_lr * B / 256
+    warmup_epochs: int = 10
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4
+    temperature: float = 0.07  # tau
+    beta: float = 8.0  # DSCL decoupling weight (alpha = 1 / (1 + beta))
+    pbsd_weight: float = 1.5  # lambda
+    queue_size: int = 8192  # K
+    encoder_momentum: float = 0.999  # EMA of the key encoder
+    label_smoothing: float = 0.0  # only for method "ce"
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = 40
+    batch_size: int = 2048
+    base_lr: float = 10.0  # lr at batch 2048; scaled linearly
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [20, 30])
+    gamma: float = 0.1
+    bn_mode: str = "train"  # "train": re-estimate BN statistics; "eval": keep them
+    balanced: bool = True  # class-balanced sampling
+    eval_every: int = 1  # validate every this many epochs
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    method: str = "dscl+pbsd"  # one of METHODS
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: str = "auto"  # "auto" (bf16 on GPU), "off", "bf16", "fp16"
+    channels_last: bool = True
+    threads: int | None = None  # torch CPU threads; None: all cores / local processes
+    log_every: int = 20  # steps between log lines
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def validate(self) -> None:
+        """Check values that types alone cannot; raise ConfigError naming the key."""
+        if self.method not in METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.classifier.bn_mode not in ("train", "eval"):
+            raise ConfigError(f"classifier.bn_mode: {self.classifier.bn_mode!r} is not train/eval")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"amp: {self.amp!r} is not one of auto, off, bf16, fp16")
+        positive = {
+            "pretrain.epochs": self.pretrain.epochs,
+            "pretrain.batch_size": self.pretrain.batch_size,
+            "pretrain.temperature": self.pretrain.temperature,
+            "classifier.epochs": self.classifier.epochs,
+            "classifier.batch_size": self.classifier.batch_size,
+            "data.image_size": self.data.image_size,
+            "data.num_patches": self.data.num_patches,
+            "model.embed_dim": self.model.embed_dim,
+            "log_every": self.log_every,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}: must be positive, got {value}")
+        non_negative = {
+            "pretrain.warmup_epochs": self.pretrain.warmup_epochs,
+            "pretrain.beta": self.pretrain.beta,
+            "pretrain.pbsd_weight": self.pretrain.pbsd_weight,
+            "pretrain.queue_size": self.pretrain.queue_size,
+            "pretrain.base_lr": self.pretrain.base_lr,
+            "classifier.base_lr": self.classifier.base_lr,
+            "data.num_workers": self.data.num_workers,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key}: must not be negative, got {value}")
+        if not 0.0 <= self.pretrain.encoder_momentum <= 1.0:
+            raise ConfigError(
+                f"pretrain.encoder_momentum: must be in [0, 1], got {self.pretrain.encoder_momentum}"
+            )
+        if len(self.data.mean) != 3 or len(self.data.std) != 3:
+            raise ConfigError("data.mean / data.std: need 3 values (RGB)")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name: {self.name!r} is not a valid run folder name")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from ``mapping``, recursing into nested configs."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{full}: unknown key (known keys here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of sub-keys, got {value!r}")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``"pretrain.epochs=5"`` into ``{"pretrain": {"epochs": 5}}`` (YAML-typed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    return _nest(key, value)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path, or the name of a shipped config (``fashion_mnist_lt`` -> configs/…yaml)."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = Path(__file__).resolve().parent / "configs" / f"{name_or_path}.yaml"
+    return shipped if shipped.is_file() else path
+
+
+def build_config(
+    config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated."""
+    cfg = RunConfig()
+    if config_file is not None:
+        path = resolve_config_path(str(config_file))
+        try:
+            _apply(cfg, load_yaml(path))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(mapping: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from :func:`config_to_dict` output (e.g. from a checkpoint)."""
+    cfg = RunConfig()
+    _apply(cfg, mapping)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,206 @@
+"""Batches for the training loops and evaluation.
+
+Two paths with the same semantics:
+- in memory: datasets that expose ``tensor_images()`` (Fashion-MNIST, CIFAR, synthetic) are moved to
+  the device once as uint8 and augmented there a whole batch at a time (``BatchedMultiView``);
+- per sample: any other dataset goes through a DataLoader whose workers run the per-sample
+  transforms.
+Which images a rank sees in an epoch depends only on (seed, epoch, rank), so training resumes
+exactly at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dscl import dist
+from dscl.data.samplers import ClassBalancedSampler
+from dscl.data.views import (
+    BatchedMultiView,
+    MultiViewTransform,
+    ViewConfig,
+    batched_classifier_train,
+    batched_eval,
+    classifier_train_transform,
+    eval_transform,
+)
+
+VIEWS = "views"  # query view, key view, patches and boxes (contrastive stage 1)
+CLASSIFY = "classify"  # one augmented image (cross-entropy training, stage 2)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63 - 1)
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # "image" or "query"/"key"/"patches"/"boxes"
+    labels: torch.Tensor  # (B,) int64
+
+
+class TrainFeed:
+    """Per-rank training batches of ``batch_size`` (drop-last), for one epoch at a time.
+
+    Args:
+        dataset: a dscl dataset (``targets``, optional ``tensor_images()``).
+        kind: ``"views"`` for contrastive views, ``"classify"`` for one augmented image.
+        view_cfg: view sizes, patch settings and normalisation.
+        batch_size: images per step on this rank.
+        balanced: class-balanced sampling (stage 2) instead of a random permutation.
+        seed: base seed; an epoch's order and augmentations depend on (seed, epoch, rank).
+        device: where batches are made.
+        num_workers: DataLoader workers for the per-sample path.
+        in_memory: use the on-device path when the dataset supports it.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        kind: str,
+        view_cfg: ViewConfig,
+        batch_size: int,
+        balanced: bool,
+        seed: int,
+        device: torch.device,
+        num_workers: int = 0,
+        in_memory: bool = True,
+    ) -> None:
+        if kind not in (VIEWS, CLASSIFY):
+            raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
+        self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
+        self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
+        self.device, self.num_workers = device, num_workers
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.targets = torch.as_tensor(list(dataset.targets), dtype=torch.long)
+        per_rank = len(self.targets) // self.world
+        self.steps_per_epoch = per_rank // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size: {batch_size} per process is larger than the {per_rank} training "
+                "images each process gets; lower the batch size"
+            )
+        self.images = None
+        if in_memory and hasattr(dataset, "tensor_images"):
+            self.images = dataset.tensor_images().to(device)  # (N, 3, H, W) uint8
+            self.labels_on_device = self.targets.to(device)
+            self.multiview = BatchedMultiView(view_cfg) if kind == VIEWS else None
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, ``steps_per_epoch * batch_size`` of them."""
+        n = len(self.targets)
+        if self.balanced:
+            sampler = ClassBalancedSampler(
+                self.targets.tolist(),
+                num_samples=n,
+                seed=self.seed,
+                rank=self.rank,
+                world_size=self.world,
+            )
+            sampler.set_epoch(epoch)
+            local = torch.as_tensor(list(sampler), dtype=torch.long)
+        else:
+            g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            perm = torch.randperm(n, generator=g)
+            local = perm[self.rank : (n // self.world) * self.world : self.world]
+        return local[: self.steps_per_epoch * self.batch_size]
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        idx = self.indices(epoch)
+        if self.images is not None:
+            yield from self._in_memory(idx, epoch)
+        else:
+            yield from self._per_sample(idx, epoch)
+
+    def _in_memory(self, idx: torch.Tensor, epoch: int) -> Iterator[Batch]:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(_epoch_seed(self.seed, epoch, self.rank))
+        cfg = self.view_cfg
+        for step in range(self.steps_per_epoch):
+            batch_idx = idx[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
+            images = self.images[batch_idx]  # (B, 3, H, W) uint8
+            labels = self.labels_on_device[batch_idx]
+            if self.kind == VIEWS:
+                inputs = self.multiview(images, generator=g)
+            else:
+                inputs = {
+                    "image": batched_classifier_train(
+                        images, cfg.view_size, cfg.mean, cfg.std, generator=g
+                    )
+                }
+            yield Batch(inputs, labels)
+
+    def _per_sample(self, idx: torch.Tensor, epoch: int) -> Iterator[Batch]:
+        cfg = self.view_cfg
+        if self.kind == VIEWS:
+            self.dataset.transform = MultiViewTransform(cfg)
+        else:
+            self.dataset.transform = classifier_train_transform(cfg.view_size, cfg.mean, cfg.std)
+        # Per-sample transforms draw from torch's global RNG; seed it per epoch (and, through the
+        # loader's generator, each worker) so an epoch is reproducible.
+        torch.manual_seed(_epoch_seed(self.seed, epoch, self.rank))
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=idx.tolist(),
+            num_workers=self.num_workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, epoch, self.rank)),
+        )
+        for sample, labels in loader:
+            if self.kind == VIEWS:
+                inputs = {k: v.to(self.device, non_blocking=True) for k, v in sample.items()}
+            else:
+                inputs = {"image": sample.to(self.device, non_blocking=True)}
+            yield Batch(inputs, labels.to(self.device, non_blocking=True))
+
+
+def eval_batches(
+    dataset: Dataset,
+    view_cfg: ViewConfig,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    in_memory: bool = True,
+):
+    """Deterministic (images, labels) batches over a whole evaluation split, in order."""
+    cfg = view_cfg
+    if in_memory and hasattr(dataset, "tensor_images"):
+        images = dataset.tensor_images()
+        labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
+
+        def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for start in range(0, len(labels), batch_size):
+                chunk = images[start : start + batch_size].to(device)
+                yield (
+                    batched_eval(chunk, cfg.view_size, cfg.mean, cfg.std),
+                    labels[start : start + batch_size],
+                )
+
+        return _Reiterable(generate)
+    dataset.transform = eval_transform(cfg.view_size, cfg.mean, cfg.std)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+class _Reiterable:
+    """An iterable that can be walked more than once (each walk calls ``make`` anew)."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return self.make()

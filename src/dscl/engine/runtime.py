@@ -1,0 +1,180 @@
+"""What both training stages share: device and precision choice, seeding, schedules, logging.
+
+Logging (JSON lines, TensorBoard, progress) happens on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dscl import dist
+
+
+def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU when CUDA is available, else the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {spec!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``setting`` (auto: bf16 on a GPU, full precision on a CPU)."""
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> None:
+    """Share the cores between local processes unless told otherwise (two processes each using
+    all cores halve each other's speed)."""
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"]) if isinstance(state["python"], list) else state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def warmup_cosine(base: float, epochs: int, steps_per_epoch: int, warmup_epochs: int) -> np.ndarray:
+    """Per-iteration values: linear warm-up from 0 over ``warmup_epochs``, then cosine to 0."""
+    total = epochs * steps_per_epoch
+    warm = min(warmup_epochs * steps_per_epoch, total)
+    it = np.arange(total, dtype=np.float64)
+    values = np.empty(total)
+    values[:warm] = base * (it[:warm] + 1) / max(warm, 1)
+    rest = it[warm:] - warm
+    values[warm:] = 0.5 * base * (1 + np.cos(math.pi * rest / max(total - warm, 1)))
+    return values
+
+
+def multistep(base: float, epochs: int, steps_per_epoch: int, milestones, gamma: float):
+    """Per-iteration values: ``base`` times ``gamma`` for each milestone epoch passed."""
+    epoch_of_step = np.arange(epochs * steps_per_epoch) // steps_per_epoch
+    drops = sum((epoch_of_step >= m).astype(np.int64) for m in milestones)
+    return base * np.power(gamma, drops)
+
+
+class RunLogger:
+    """JSON-lines log, TensorBoard scalars and a progress display, all on rank 0 only."""
+
+    def __init__(self, run_dir: Path, *, progress: bool = True, tensorboard: bool = True) -> None:
+        self.active = dist.is_main_process()
+        self.progress = progress and self.active
+        self.run_dir = run_dir
+        self.writer = None
+        if self.active:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(run_dir / "train_log.jsonl", "a", buffering=1)  # noqa: SIM115
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.log_file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            stage, step = record.get("stage", "train"), record.get("step", 0)
+            for key, value in record.items():
+                if key not in ("stage", "step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{stage}/{key}", value, step)
+
+    def info(self, text: str) -> None:
+        if self.active:
+            print(text, file=sys.stderr, flush=True)
+
+    def bar(self, iterable: Iterable, total: int, desc: str) -> Iterator:
+        """A tqdm bar on a terminal; plain lines otherwise (set with :meth:`postfix`)."""
+        self._plain = None
+        if not self.progress:
+            yield from iterable
+            return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
+            self._bar = bar
+            yield from bar
+            bar.close()
+            self._bar = None
+        else:
+            self._bar = None
+            self._plain = (desc, total, time.perf_counter())
+            yield from iterable
+
+    def postfix(self, step_in_epoch: int, total: int, values: dict[str, float], force=False):
+        if not self.progress:
+            return
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        if getattr(self, "_bar", None) is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+        elif getattr(self, "_plain", None) is not None and force:
+            desc = self._plain[0]
+            print(f"{desc} [{step_in_epoch}/{total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            self.log_file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def check_finite(loss: torch.Tensor, step: int, parts: dict[str, float]) -> None:
+    """Stop at once on a non-finite loss, saying which part went wrong."""
+    if not torch.isfinite(loss):
+        detail = ", ".join(f"{k}={v}" for k, v in parts.items())
+        raise FloatingPointError(f"non-finite loss at step {step} ({detail}); lower the lr?")

@@ -1,0 +1,84 @@
+"""Using a trained model: top-k predictions for image files, and backbone export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from dscl.checkpoint import CheckpointError, check_kind, load_checkpoint, save_checkpoint
+from dscl.data import DataError
+from dscl.data.views import eval_transform
+from dscl.models import build_backbone
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files as given, and the image files inside folders (recursively, sorted)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"no image files found in {', '.join(map(str, paths))}")
+    return files
+
+
+def predict_paths(
+    checkpoint: Path, paths: list[Path], topk: int = 5, batch_size: int = 64
+) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+    """Yield (file, [(class name, probability), ...]) with the ``topk`` most likely classes."""
+    from PIL import Image, UnidentifiedImageError
+
+    from dscl.engine.classifier import build_classifier_from_checkpoint
+
+    if topk <= 0:
+        raise ValueError(f"topk: must be positive, got {topk}")
+    model, state = build_classifier_from_checkpoint(checkpoint)
+    model.eval()
+    data_cfg = state["config"]["data"]
+    transform = eval_transform(data_cfg["image_size"], tuple(data_cfg["mean"]),
+                               tuple(data_cfg["std"]))
+    names = state["class_names"]
+    k = min(topk, len(names))
+    files = image_files(paths)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images = []
+        for path in chunk:
+            try:
+                with Image.open(path) as img:
+                    images.append(transform(img.convert("RGB")))
+            except (OSError, UnidentifiedImageError) as err:
+                raise DataError(f"{path}: cannot read image ({err})") from None
+        with torch.no_grad():
+            probs = model(torch.stack(images)).softmax(dim=1)  # (N, C)
+        values, indices = probs.topk(k, dim=1)
+        for path, vals, idxs in zip(chunk, values.tolist(), indices.tolist(), strict=True):
+            yield path, [(names[i], v) for i, v in zip(idxs, vals, strict=True)]
+
+
+def export_backbone(checkpoint: Path, output: Path) -> Path:
+    """Write the backbone's weights as a plain state_dict that loads into the torchvision model of
+    the same name (the classifier layer ``fc`` excepted)."""
+    state = load_checkpoint(checkpoint)
+    check_kind(state, checkpoint, "pretrain", "classifier")
+    name = state["config"]["model"]["backbone"]
+    if state["kind"] == "pretrain":
+        weights = state["backbone"]
+    else:
+        prefix = "backbone."
+        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    backbone = build_backbone(name)
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{checkpoint}: backbone weights do not fit {name}: {err}") from None
+    save_checkpoint(backbone.export_state_dict(), output)
+    return output

@@ -1,0 +1,100 @@
+"""Config: defaults <- YAML <- overrides, strict keys and types, errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from dscl.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    parse_override,
+)
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "src/dscl/configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = RunConfig()
+    assert cfg.method == "dscl+pbsd"
+    p = cfg.pretrain
+    assert (p.temperature, p.beta, p.pbsd_weight, p.encoder_momentum) == (0.07, 8.0, 1.5, 0.999)
+    assert (p.momentum, p.weight_decay, p.base_lr, p.warmup_epochs) == (0.9, 5e-4, 0.1, 10)
+    assert cfg.classifier.milestones == [20, 30] and cfg.classifier.base_lr == 10.0
+    assert cfg.data.num_patches == 5 and cfg.model.embed_dim == 128
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: supcon\npretrain:\n  epochs: 7\n  beta: 2\n")
+    cfg = build_config(path, ["pretrain.epochs=3", "data.mean=[0.1, 0.2, 0.3]", "name=x"])
+    assert cfg.method == "supcon"
+    assert cfg.pretrain.epochs == 3  # the command line wins over the file
+    assert cfg.pretrain.beta == 2.0 and isinstance(cfg.pretrain.beta, float)
+    assert cfg.data.mean == [0.1, 0.2, 0.3] and cfg.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("pretrain.epoch=3", "pretrain.epoch: unknown key"),
+        ("nonsense=1", "nonsense: unknown key"),
+        ("pretrain.epochs=three", "pretrain.epochs: expected an integer"),
+        ("pretrain.epochs=2.5", "pretrain.epochs: expected an integer"),
+        ("channels_last=maybe", "channels_last: expected true or false"),
+        ("pretrain.beta=-1", "pretrain.beta: must not be negative"),
+        ("pretrain.temperature=0", "pretrain.temperature: must be positive"),
+        ("method=focal", "method: 'focal' is not one of"),
+        ("classifier.bn_mode=frozen", "classifier.bn_mode"),
+        ("data=3", "data: expected a mapping"),
+        ("pretrain.epochs", "expected key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        build_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_bad_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbon: resnet32\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(path)
+    assert str(path) in str(err.value) and "model.backbon: unknown key" in str(err.value)
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        build_config(tmp_path / "list.yaml")
+
+
+def test_round_trip_through_dict_and_yaml():
+    cfg = build_config(None, ["pretrain.epochs=5", "data.root=/x", "data.extra={a: 1}"])
+    again = config_from_dict(config_to_dict(cfg))
+    assert again == cfg
+    import yaml
+
+    assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=1") == {"a": {"b": 1}}
+    assert parse_override("a=null") == {"a": None}
+    assert parse_override("a=") == {"a": None}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    cfg = build_config(path)
+    assert cfg.data.name
+    by_name = build_config(path.stem)  # shipped configs resolve by name too
+    assert by_name == cfg
+
+
+def test_shipped_configs_exist():
+    names = {p.stem for p in SHIPPED}
+    assert "fashion_mnist_lt" in names
