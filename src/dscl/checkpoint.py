@@ -63,7 +63,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt, truncated, or not a torch file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(state, dict) or "kind" not in state:
         raise CheckpointError(f"{path}: not a dscl checkpoint (no 'kind' entry)")
     return state

@@ -15,7 +15,12 @@ from pathlib import Path
 from dscl import __version__
 
 RUN_FILES = (
-    "pretrain.pt", "last.pt", "best.pt", "metrics.json", "train_log.jsonl", "report.html",
+    "pretrain.pt",
+    "last.pt",
+    "best.pt",
+    "metrics.json",
+    "train_log.jsonl",
+    "report.html",
     "config.yaml",
 )
 
@@ -159,8 +164,9 @@ def make_context(cfg, run_dir: Path):
         std=tuple(d.std),
     )
     logger = runtime.RunLogger(run_dir, progress=cfg.progress)
-    ctx = StageContext(cfg, run_dir, device, runtime.amp_dtype(cfg.amp, device), splits, view_cfg,
-                       logger)
+    ctx = StageContext(
+        cfg, run_dir, device, runtime.amp_dtype(cfg.amp, device), splits, view_cfg, logger
+    )
     summary = splits.summary(d.many_threshold, d.few_threshold)
     logger.info(
         f"data {d.name}: {summary.get('num_train', len(splits.train))} training images, "

@@ -135,10 +135,9 @@ class RunConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key}: must not be negative, got {value}")
-        if not 0.0 <= self.pretrain.encoder_momentum <= 1.0:
-            raise ConfigError(
-                f"pretrain.encoder_momentum: must be in [0, 1], got {self.pretrain.encoder_momentum}"
-            )
+        ema = self.pretrain.encoder_momentum
+        if not 0.0 <= ema <= 1.0:
+            raise ConfigError(f"pretrain.encoder_momentum: must be in [0, 1], got {ema}")
         if len(self.data.mean) != 3 or len(self.data.std) != 3:
             raise ConfigError("data.mean / data.std: need 3 values (RGB)")
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -193,7 +192,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
 def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:

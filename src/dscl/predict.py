@@ -43,8 +43,9 @@ def predict_paths(
     model, state = build_classifier_from_checkpoint(checkpoint)
     model.eval()
     data_cfg = state["config"]["data"]
-    transform = eval_transform(data_cfg["image_size"], tuple(data_cfg["mean"]),
-                               tuple(data_cfg["std"]))
+    transform = eval_transform(
+        data_cfg["image_size"], tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    )
     names = state["class_names"]
     k = min(topk, len(names))
     files = image_files(paths)

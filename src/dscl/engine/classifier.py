@@ -80,8 +80,12 @@ def train_classifier(ctx: StageContext, stage1_checkpoint: Path) -> Path:
         in_memory=cfg.data.batched_views,
     )
     val_batches = eval_batches(
-        ctx.splits.val, ctx.view_cfg, batch_size=256, device=device,
-        num_workers=cfg.data.num_workers, in_memory=cfg.data.batched_views,
+        ctx.splits.val,
+        ctx.view_cfg,
+        batch_size=256,
+        device=device,
+        num_workers=cfg.data.num_workers,
+        in_memory=cfg.data.batched_views,
     )
     head: nn.Module = model.fc
     if world > 1:
@@ -92,7 +96,9 @@ def train_classifier(ctx: StageContext, stage1_checkpoint: Path) -> Path:
         model.fc.parameters(), lr=0.0, momentum=c.momentum, weight_decay=c.weight_decay
     )
     steps = feed.steps_per_epoch
-    lr_at = runtime.multistep(c.base_lr * c.batch_size / 2048, c.epochs, steps, c.milestones, c.gamma)
+    lr_at = runtime.multistep(
+        c.base_lr * c.batch_size / 2048, c.epochs, steps, c.milestones, c.gamma
+    )
     best_top1, best_path, last_path = -1.0, ctx.run_dir / BEST, ctx.run_dir / LAST
     for epoch in range(c.epochs):
         model.fc.train()
@@ -175,8 +181,12 @@ def evaluate_checkpoint(ctx: StageContext, path: Path, split: str = "test") -> d
     model = model.to(ctx.device)
     dataset = {"test": ctx.splits.test, "val": ctx.splits.val}[split]
     batches = eval_batches(
-        dataset, ctx.view_cfg, batch_size=256, device=ctx.device,
-        num_workers=cfg.data.num_workers, in_memory=cfg.data.batched_views,
+        dataset,
+        ctx.view_cfg,
+        batch_size=256,
+        device=ctx.device,
+        num_workers=cfg.data.num_workers,
+        in_memory=cfg.data.batched_views,
     )
     metrics = evaluate_model(ctx, model, batches)
     metrics |= {

@@ -80,9 +80,7 @@ class ContrastiveObjective:
     def __init__(self, cfg: RunConfig) -> None:
         p = cfg.pretrain
         decoupled = cfg.method.startswith("dscl")
-        self.contrast = (
-            DSCLLoss(p.temperature, p.beta) if decoupled else SupConLoss(p.temperature)
-        )
+        self.contrast = DSCLLoss(p.temperature, p.beta) if decoupled else SupConLoss(p.temperature)
         self.pbsd = PBSDLoss(p.temperature) if cfg.method.endswith("+pbsd") else None
         self.pbsd_weight = p.pbsd_weight
 
@@ -139,7 +137,8 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
     wrapped = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,
         )
     objective = ContrastiveObjective(cfg) if contrastive else None

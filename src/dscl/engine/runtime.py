@@ -64,7 +64,7 @@ def set_threads(threads: int | None) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (third-party code may use the global RNG)
     torch.manual_seed(seed)
 
 
@@ -77,7 +77,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(tuple(state["python"]) if isinstance(state["python"], list) else state["python"])
+    random.setstate(
+        tuple(state["python"]) if isinstance(state["python"], list) else state["python"]
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -1,0 +1,45 @@
+"""Long-tailed datasets, shot groups and the class-balanced sampler.
+
+The multi-view transforms live in ``dscl.data.views`` (imported on their own).
+"""
+
+from dscl.data.datasets import DATASETS, DatasetSpec, DataSplits, build_splits
+from dscl.data.imagesets import (
+    ArrayImageDataset,
+    DataError,
+    ImageFileDataset,
+    load_rgb,
+    to_rgb,
+)
+from dscl.data.longtail import (
+    ShotGroups,
+    balanced_holdout,
+    carve_per_class,
+    class_counts,
+    exponential_profile,
+    shot_group_summary,
+    shot_groups,
+    subsample_longtail,
+)
+from dscl.data.samplers import ClassBalancedSampler
+
+__all__ = [
+    "DATASETS",
+    "ArrayImageDataset",
+    "ClassBalancedSampler",
+    "DataError",
+    "DataSplits",
+    "DatasetSpec",
+    "ImageFileDataset",
+    "ShotGroups",
+    "balanced_holdout",
+    "build_splits",
+    "carve_per_class",
+    "class_counts",
+    "exponential_profile",
+    "load_rgb",
+    "shot_group_summary",
+    "shot_groups",
+    "subsample_longtail",
+    "to_rgb",
+]

@@ -1,0 +1,19 @@
+"""Models: backbones, heads, the labelled queue and the contrastive (query/momentum) model."""
+
+from dscl.models.backbones import Backbone, build_backbone, list_backbones, register_backbone
+from dscl.models.contrastive import ContrastiveModel, ContrastiveOutput, Encoder
+from dscl.models.heads import LinearClassifier, ProjectionHead
+from dscl.models.queue import LabelledQueue
+
+__all__ = [
+    "Backbone",
+    "ContrastiveModel",
+    "ContrastiveOutput",
+    "Encoder",
+    "LabelledQueue",
+    "LinearClassifier",
+    "ProjectionHead",
+    "build_backbone",
+    "list_backbones",
+    "register_backbone",
+]
