@@ -107,7 +107,7 @@ def train_classifier(ctx: StageContext, stage1_checkpoint: Path) -> Path:
         for i, batch in enumerate(bar):
             step = epoch * steps + i
             for group in optimizer.param_groups:
-                group["lr"] = lr_at[step]
+                group["lr"] = float(lr_at[step])
             images = batch.inputs["image"].contiguous(memory_format=memory_format)
             with runtime.autocast(device, ctx.amp):
                 with torch.no_grad():  # frozen: BN statistics may still update in train mode

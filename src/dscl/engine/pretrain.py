@@ -149,7 +149,7 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
         for i, batch in enumerate(bar):
             step = epoch * steps + i
             for group in optimizer.param_groups:
-                group["lr"] = lr_at[step]
+                group["lr"] = float(lr_at[step])
             inputs = {
                 k: v.contiguous(memory_format=memory_format) if v.dim() == 4 else v
                 for k, v in batch.inputs.items()
