@@ -82,19 +82,42 @@ def test_round_trip_through_dict_and_yaml():
 
 
 def test_parse_override_types():
-    assert parse_override("a.b=1") == {"a": {"b": 1}}
-    assert parse_override("a=null") == {"a": None}
-    assert parse_override("a=") == {"a": None}
+    assert parse_override("a.b=1")["a"]["b"].parsed == 1
+    assert parse_override("a=null")["a"].parsed is None
+    assert parse_override("a=")["a"].parsed is None
+    assert parse_override("amp=off")["amp"] == ("off", False)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path):
+    from dscl.data import DATASETS
+    from dscl.models import list_backbones
+
     cfg = build_config(path)
-    assert cfg.data.name
+    assert cfg.data.name in DATASETS and cfg.model.backbone in list_backbones()
     by_name = build_config(path.stem)  # shipped configs resolve by name too
     assert by_name == cfg
 
 
 def test_shipped_configs_exist():
     names = {p.stem for p in SHIPPED}
-    assert "fashion_mnist_lt" in names
+    expected = {
+        "fashion_mnist_lt",
+        "cifar10_lt",
+        "cifar100_lt",
+        "cifar100_lt_ir50",
+        "cifar100_lt_ir10",
+        "imagenet_lt_r50",
+        "imagenet_lt_x50",
+        "places_lt",
+        "inat2018",
+    }
+    assert expected <= names
+
+
+def test_string_settings_keep_the_text_as_typed():
+    # YAML would read these as booleans / numbers; a string setting keeps what was typed.
+    cfg = build_config(None, ["amp=off", "name=123", "data.root=null", "device=cpu"])
+    assert cfg.amp == "off" and cfg.name == "123" and cfg.data.root is None
+    with pytest.raises(ConfigError, match="quote it"):
+        config_from_dict({"amp": False})

@@ -148,8 +148,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+class _Override(typing.NamedTuple):
+    """A command-line value: its text as typed and its YAML reading (``off`` reads as False)."""
+
+    text: str
+    parsed: Any
+
+
+def _accepts_str(tp: Any) -> bool:
+    is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return tp is str or (is_union and str in typing.get_args(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` checked against the annotation ``tp``; raise ConfigError naming ``key``."""
+    if isinstance(value, _Override):
+        # A string setting takes the text as typed (so amp=off stays "off"), except null.
+        keep_text = _accepts_str(tp) and value.parsed is not None
+        value = value.text if keep_text else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -191,7 +207,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        hint = (
+            " (quote it: YAML reads off/on/yes/no as booleans)" if isinstance(value, bool) else ""
+        )
+        raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
@@ -206,6 +225,8 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"{full}: unknown key (known keys here: {known})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, _Override):
+                value = value.parsed
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of sub-keys, got {value!r}")
             _apply(current, value, prefix=f"{full}.")
@@ -232,7 +253,7 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
-    return _nest(key, value)
+    return _nest(key, _Override(raw.strip(), value))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -139,8 +139,9 @@ def _summary_section(metrics: dict) -> list[str]:
     out = [f"<table>{rows}</table>", "<h2>Accuracy by shot group</h2>"]
     out.append(_img(_group_bars(metrics)))
     out.append(_img(_accuracy_vs_count(per_class, counts, groups, thresholds)))
-    out += ["<h2>Confusion matrix</h2>", _img(_confusion_figure(metrics["confusion"], names))]
-    support = [sum(row) for row in metrics["confusion"]]
+    if metrics.get("confusion") is not None:
+        out += ["<h2>Confusion matrix</h2>", _img(_confusion_figure(metrics["confusion"], names))]
+    support = metrics.get("support") or [sum(row) for row in metrics["confusion"]]
     cells = "".join(
         f"<tr><td>{i}</td><td>{html.escape(str(n))}</td><td>{c}</td><td>{g}</td>"
         f"<td>{s}</td><td>{_fmt(a)}</td></tr>"

@@ -238,3 +238,18 @@ def test_predict_logits_autocast_bfloat16():
 def test_predict_logits_empty_loader():
     with pytest.raises(ValueError, match="loader"):
         predict_logits(_TinyNet(), [], "cpu")
+
+
+def test_many_classes_skip_the_confusion_matrix_but_keep_per_class():
+    from dscl.engine.evaluate import MAX_CONFUSION_CLASSES
+
+    num_classes = MAX_CONFUSION_CLASSES + 1
+    targets = torch.tensor([0, 1, 1, num_classes - 1])
+    logits = torch.zeros(4, num_classes)
+    logits[0, 0] = logits[1, 1] = logits[2, 0] = logits[3, 5] = 1.0  # right, right, wrong, wrong
+    m = classification_metrics(logits, targets, [50] * num_classes)
+    assert m["confusion"] is None
+    assert m["support"][:2] == [1, 2] and m["support"][num_classes - 1] == 1
+    assert m["per_class"][0] == 100.0 and m["per_class"][1] == 50.0
+    assert m["per_class"][num_classes - 1] == 0.0 and m["per_class"][2] is None
+    assert m["top1"] == 50.0

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+MAX_CONFUSION_CLASSES = 1000  # above this, metrics carry no confusion matrix (None)
 SHOT_GROUPS = ("many", "medium", "few")
 
 
@@ -67,7 +68,8 @@ def classification_metrics(
         A JSON-serialisable dict; accuracies are percentages (floats):
         ``top1``, ``top5`` (top-min(5, C)), ``many``, ``medium``, ``few`` (None for a group
         without classes or without test samples), ``per_class`` (C floats, None for a class with
-        no test sample), ``confusion`` (C x C ints, rows true class, columns predicted),
+        no test sample), ``confusion`` (C x C ints, rows true class, columns predicted; None
+        above MAX_CONFUSION_CLASSES classes), ``support`` (test samples per class),
         ``class_counts``, ``num_samples``, ``shot_thresholds`` and ``group_sizes`` (classes per
         group).
     """
@@ -105,11 +107,13 @@ def classification_metrics(
     top1 = (predictions == targets).double().mean().item() * 100.0
     top5 = (top_k == targets[:, None]).any(dim=1).double().mean().item() * 100.0
 
-    flat = targets * num_classes + predictions  # (N,) index into the flattened C x C matrix
-    confusion = torch.bincount(flat, minlength=num_classes * num_classes)
-    confusion = confusion.view(num_classes, num_classes)  # (C, C) rows true, columns predicted
-    support = confusion.sum(dim=1)  # (C,) test samples per class
-    correct = confusion.diagonal()  # (C,)
+    support = torch.bincount(targets, minlength=num_classes)  # (C,) test samples per class
+    correct = torch.bincount(targets[predictions == targets], minlength=num_classes)  # (C,)
+    confusion = None  # a C x C list would not fit a JSON file for iNaturalist's 8,142 classes
+    if num_classes <= MAX_CONFUSION_CLASSES:
+        flat = targets * num_classes + predictions  # (N,) index into the flattened C x C matrix
+        confusion = torch.bincount(flat, minlength=num_classes * num_classes)
+        confusion = confusion.view(num_classes, num_classes).tolist()  # rows true, cols predicted
     per_class: list[float | None] = [
         100.0 * int(c) / int(s) if s > 0 else None
         for c, s in zip(correct.tolist(), support.tolist(), strict=True)
@@ -122,7 +126,8 @@ def classification_metrics(
         result[group] = math.fsum(accs) / len(accs) if accs else None
     result.update(
         per_class=per_class,
-        confusion=confusion.tolist(),
+        confusion=confusion,
+        support=support.tolist(),
         class_counts=counts,
         num_samples=int(num_samples),
         shot_thresholds={"many": int(many_threshold), "few": int(few_threshold)},

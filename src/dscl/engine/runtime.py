@@ -99,8 +99,10 @@ def warmup_cosine(base: float, epochs: int, steps_per_epoch: int, warmup_epochs:
 def multistep(base: float, epochs: int, steps_per_epoch: int, milestones, gamma: float):
     """Per-iteration values: ``base`` times ``gamma`` for each milestone epoch passed."""
     epoch_of_step = np.arange(epochs * steps_per_epoch) // steps_per_epoch
-    drops = sum((epoch_of_step >= m).astype(np.int64) for m in milestones)
-    return base * np.power(gamma, drops)
+    drops = np.zeros_like(epoch_of_step)
+    for milestone in milestones:
+        drops += epoch_of_step >= milestone
+    return base * np.power(gamma, drops.astype(np.float64))
 
 
 class RunLogger:

@@ -235,7 +235,7 @@ def _replace_stem(conv: nn.Conv2d, in_channels: int, *, keep_weights: bool) -> n
     return stem
 
 
-for _arch in ("resnet18", "resnet50", "resnext50_32x4d"):
+for _arch in ("resnet18", "resnet50", "resnet101", "resnet152", "resnext50_32x4d"):
     register_backbone(_arch)(partial(TorchvisionResNet, _arch))
 
 

@@ -1,0 +1,131 @@
+"""Colour ops on batches of float images in [0, 1], (N, 3, H, W), with per-image parameters.
+
+torchvision's formulas, vectorised over images that each have their own factors: colour jitter
+(brightness, contrast, saturation, hue) in a random order per image, then grayscale, then a
+Gaussian blur. ``_draw_color`` draws the parameters, ``_apply_color`` applies them. Blur uses a
+kernel of about 10% of the image side (odd, at least 3) and is skipped for images smaller than a
+minimum size: there a 3-tap kernel already spans a fifth of the image or more and erases it rather
+than blurs it (the 8-9 px patches of 28-32 px views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+JITTER_STRENGTH = 0.4  # brightness, contrast and saturation factors are drawn from [0.6, 1.4]
+BLUR_SIGMA = (0.1, 2.0)
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_grayscale
+
+
+@dataclass
+class _ColorParams:
+    jitter: Tensor  # (N,) bool, jitter applied
+    factors: Tensor  # (N, 4) brightness, contrast, saturation factors and hue shift
+    order: Tensor  # (N, 4) long, order of the four jitter ops
+    gray: Tensor  # (N,) bool
+    blur: Tensor  # (N,) bool
+    sigma: Tensor  # (N,) blur sigma
+    use_hue: bool
+
+
+def _draw_color(
+    n: int,
+    hue: float,
+    p_jitter: float,
+    p_gray: float,
+    p_blur: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> _ColorParams:
+    """Colour-op parameters of ``n`` images; draws the same numbers whatever the outcomes."""
+    u = torch.rand(n, 8, generator=generator, device=device)
+    order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)
+    low = 1.0 - JITTER_STRENGTH
+    factors = torch.cat([low + 2 * JITTER_STRENGTH * u[:, 1:4], hue * (2 * u[:, 4:5] - 1)], 1)
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7]
+    return _ColorParams(
+        u[:, 0] < p_jitter, factors, order, u[:, 5] < p_gray, u[:, 6] < p_blur, sigma, hue > 0
+    )
+
+
+def _gray(x: Tensor) -> Tensor:
+    return (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (N, 1, H, W)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def _brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def _contrast(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def _saturation(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _gray(x), factor)
+
+
+def _hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the HSV hue of every pixel of image i by ``shift[i]`` (a fraction of a turn)."""
+    red, green, blue = x.unbind(1)  # (N, H, W) each
+    value, low = x.amax(1), x.amin(1)
+    chroma = value - low
+    sat = chroma / torch.where(value > 0, value, torch.ones_like(value))
+    div = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sector = torch.where(  # hue in sixths of a turn
+        value == red,
+        (green - blue) / div,
+        torch.where(value == green, 2 + (blue - red) / div, 4 + (red - green) / div),
+    )
+    hue6 = torch.remainder(sector + 6 * shift.view(-1, 1, 1), 6)[:, None]  # (N, 1, H, W)
+    k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + hue6, 6)  # (N, 3, H, W)
+    return value[:, None] * (1 - sat[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
+    """Separable Gaussian blur of image i with ``sigma[i]``, reflect padding (torchvision's)."""
+    n, c, h, w = x.shape
+    taps = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    weights = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)  # (N, k)
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N·C, k)
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, weights.view(n * c, 1, kernel, 1), groups=n * c)
+    y = F.conv2d(y, weights.view(n * c, 1, 1, kernel), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def _blur_kernel(size: int, min_size: int) -> int:
+    """Odd kernel of about 10% of ``size``, at least 3; 0 (no blur) below ``min_size``."""
+    if size < min_size:
+        return 0
+    k = int(0.1 * size)
+    return max(3, k + 1 - k % 2)
+
+
+def _apply_color(x: Tensor, params: _ColorParams, blur_kernel: int) -> Tensor:
+    """Jitter (per-image random op order), grayscale, blur of (N, 3, H, W) images in [0, 1]."""
+    x = x.clone()
+    for step in range(4):
+        for op in range(4 if params.use_hue else 3):
+            idx = (params.jitter & (params.order[:, step] == op)).nonzero()[:, 0]
+            if idx.numel():
+                x[idx] = _JITTER_OPS[op](x[idx], params.factors[idx, op])
+    idx = params.gray.nonzero()[:, 0]
+    if idx.numel():
+        x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
+    idx = params.blur.nonzero()[:, 0]
+    if blur_kernel and idx.numel():
+        x[idx] = _gaussian_blur(x[idx], params.sigma[idx], blur_kernel)
+    return x
