@@ -39,8 +39,9 @@ fashion-mnist:
 	fi
 
 demo: $(STAMP) fashion-mnist
-	@dl=false; [ -e $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$DSCL_DATA" ] || dl=true; \
-	$(VENV)/bin/dscl run --config configs/fashion_mnist_lt.yaml --name demo --overwrite data.download=$$dl
+	@where=""; [ -e $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$DSCL_DATA" ] \
+		|| where="data.root=data data.download=true"; \
+	$(VENV)/bin/dscl run --config configs/fashion_mnist_lt.yaml --name demo --overwrite $$where
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

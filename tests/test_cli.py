@@ -145,8 +145,6 @@ def test_report_predict_export(finished_run: Path, tmp_path: Path, capsys):
     assert main(["report", str(finished_run)]) == 0
     assert (finished_run / "report.html").is_file()
 
-    from PIL import Image
-
     from dscl.data import build_splits
 
     splits = build_splits(
@@ -239,7 +237,14 @@ def test_error_paths(finished_run: Path, tmp_path: Path, capsys):
     )
     missing = tmp_path / "no-such-folder"
     msg = _error(
-        capsys, ["pretrain", *tiny(tmp_path), "data.name=fashion_mnist_lt", f"data.root={missing}"]
+        capsys,
+        [
+            "pretrain",
+            *tiny(tmp_path),
+            "data.name=fashion_mnist_lt",
+            "data.extra={}",
+            f"data.root={missing}",
+        ],
     )
     assert str(missing) in msg
     # a stage-1 checkpoint of another architecture or method
@@ -333,3 +338,9 @@ def test_torchrun_two_processes(tmp_path: Path):
     # rank 0 alone logs: each step appears once
     steps = [json.loads(line)["step"] for line in open(tmp_path / "ddp" / "train_log.jsonl")]
     assert len(steps) == len(set(steps)) > 0
+
+
+def test_evaluate_rejects_a_checkpoint_of_another_method(finished_run: Path, capsys):
+    out = str(finished_run.parent)
+    msg = _error(capsys, ["evaluate", "--name", "full", f"output_dir={out}", "method=dscl"])
+    assert "best.pt" in msg and "method" in msg

@@ -194,12 +194,14 @@ def cmd_pretrain(args, *, then_classify: bool = False) -> int:
     stage1 = pretrain(ctx, resume=args.resume)
     ctx.logger.info(f"stage 1 checkpoint: {stage1}")
     if then_classify:
-        _classify_evaluate(ctx, stage1)
+        from dscl.engine.classifier import read_stage1
+
+        _classify_evaluate(ctx, read_stage1(stage1, cfg))
     ctx.logger.close()
     return 0
 
 
-def _classify_evaluate(ctx, stage1: Path) -> None:
+def _classify_evaluate(ctx, stage1: dict) -> None:
     from dscl import dist
     from dscl.engine.classifier import evaluate_checkpoint, train_classifier
     from dscl.engine.evaluate import format_metrics_table
@@ -222,11 +224,13 @@ def cmd_run(args) -> int:
 def cmd_classify(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
-    stage1 = Path(args.pretrained) if args.pretrained else run_dir / "pretrain.pt"
+    path = Path(args.pretrained) if args.pretrained else run_dir / "pretrain.pt"
     from dscl.checkpoint import CheckpointError
+    from dscl.engine.classifier import read_stage1
 
-    if not stage1.is_file():
-        raise CheckpointError(f"{stage1}: stage-1 checkpoint not found (run dscl pretrain first)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: stage-1 checkpoint not found (run dscl pretrain first)")
+    stage1 = read_stage1(path, cfg)  # a checkpoint that does not fit stops before any work
     prepare_run_dir(run_dir, overwrite=False, resume=True)
     ctx = make_context(cfg, run_dir)
     _classify_evaluate(ctx, stage1)
@@ -239,15 +243,16 @@ def cmd_evaluate(args) -> int:
     run_dir = Path(cfg.output_dir) / cfg.name
     path = Path(args.checkpoint) if args.checkpoint else run_dir / "best.pt"
     from dscl.checkpoint import CheckpointError
-    from dscl.engine.classifier import evaluate_checkpoint
+    from dscl.engine.classifier import evaluate_checkpoint, read_classifier
     from dscl.engine.evaluate import format_metrics_table
     from dscl.report import write_report
 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    loaded = read_classifier(path, cfg)  # a checkpoint that does not fit stops before any work
     prepare_run_dir(run_dir, overwrite=False, resume=True)
     ctx = make_context(cfg, run_dir)
-    metrics = evaluate_checkpoint(ctx, path, args.split)
+    metrics = evaluate_checkpoint(ctx, path, args.split, loaded)
     print(format_metrics_table(metrics))
     print(f"report: {write_report(run_dir)}")
     ctx.logger.close()

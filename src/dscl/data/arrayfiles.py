@@ -1,9 +1,9 @@
 """Readers for the array-format datasets: Fashion-MNIST (IDX files) and CIFAR (python pickles).
 
-Fashion-MNIST is looked for, in order, in the configured root (also ``<root>/fashion-mnist`` and
-torchvision's ``<root>/FashionMNIST/raw``), ``$DSCL_DATA/fashion-mnist`` and
-``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``); the first folder
-holding all four files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+Fashion-MNIST is looked for in the configured root alone (also ``<root>/fashion-mnist`` and
+torchvision's ``<root>/FashionMNIST/raw``) when one is given, else in ``$DSCL_DATA/fashion-mnist``
+and ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``); the first
+folder holding all four files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
 ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``) wins. Only with
 ``download=True`` is torchvision's downloader used.
 
@@ -81,13 +81,16 @@ def _fashion_files(folder: str) -> dict[str, str] | None:
 
 def find_fashion_mnist(root: str | None, download: bool = False) -> dict[str, str]:
     """Paths of the four Fashion-MNIST files (see the module docstring for the search order)."""
-    candidates = []
+    # A configured root is the only place looked in: falling back elsewhere would silently train
+    # on other files than the user named.
     if root is not None:
-        candidates += [root, os.path.join(root, "fashion-mnist")]
+        candidates = [root, os.path.join(root, "fashion-mnist")]
         candidates.append(os.path.join(root, "FashionMNIST", "raw"))
-    if os.environ.get("DSCL_DATA"):
-        candidates.append(os.path.join(os.environ["DSCL_DATA"], "fashion-mnist"))
-    candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    else:
+        candidates = []
+        if os.environ.get("DSCL_DATA"):
+            candidates.append(os.path.join(os.environ["DSCL_DATA"], "fashion-mnist"))
+        candidates.append(FASHION_MNIST_SYSTEM_DIR)
     for folder in candidates:
         found = _fashion_files(folder)
         if found is not None:

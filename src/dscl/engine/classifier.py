@@ -24,7 +24,7 @@ from dscl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from dscl.config import config_to_dict
+from dscl.config import RunConfig, config_to_dict
 from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics, predict_logits
 from dscl.engine.feed import CLASSIFY, TrainFeed, eval_batches
@@ -34,14 +34,12 @@ from dscl.models import build_backbone
 LAST, BEST = "last.pt", "best.pt"
 
 
-def load_stage1_backbone(ctx: StageContext, path: Path) -> nn.Module:
-    """Build the configured backbone and load a stage-1 checkpoint's weights into it."""
+def read_stage1(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """Load a stage-1 checkpoint and check that it fits ``cfg`` (backbone and method)."""
     state = load_checkpoint(path, map_location="cpu")
     check_kind(state, path, "pretrain")
-    check_matches(state, path, {"model.backbone": ctx.cfg.model.backbone, "method": ctx.cfg.method})
-    backbone = build_backbone(ctx.cfg.model.backbone)
-    backbone.load_state_dict(state["backbone"])
-    return backbone
+    check_matches(state, path, {"model.backbone": cfg.model.backbone, "method": cfg.method})
+    return state
 
 
 def build_classifier_from_checkpoint(path: Path, expect: dict[str, Any] | None = None):
@@ -56,13 +54,15 @@ def build_classifier_from_checkpoint(path: Path, expect: dict[str, Any] | None =
     return model, state
 
 
-def train_classifier(ctx: StageContext, stage1_checkpoint: Path) -> Path:
-    """Train the linear classifier; return the path of the best checkpoint (on validation)."""
+def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
+    """Train the linear classifier on the backbone of ``stage1`` (from :func:`read_stage1`);
+    return the path of the best checkpoint (on validation)."""
     cfg, c, device = ctx.cfg, ctx.cfg.classifier, ctx.device
     world = dist.get_world_size()
     if c.batch_size % world:
         raise ValueError(f"classifier.batch_size: {c.batch_size} is not divisible by {world}")
-    backbone = load_stage1_backbone(ctx, stage1_checkpoint)
+    backbone = build_backbone(cfg.model.backbone)
+    backbone.load_state_dict(stage1["backbone"])
     model = Classifier(backbone, ctx.splits.num_classes).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -167,12 +167,21 @@ def evaluate_model(ctx: StageContext, model: nn.Module, batches) -> dict[str, An
     )
 
 
-def evaluate_checkpoint(ctx: StageContext, path: Path, split: str = "test") -> dict[str, Any]:
-    """Evaluate a stage-2 checkpoint on ``split`` and write ``metrics.json`` (rank 0)."""
+def read_classifier(path: Path, cfg: RunConfig) -> tuple[Classifier, dict[str, Any]]:
+    """Load a stage-2 checkpoint and check that it fits ``cfg`` (backbone and method)."""
+    expect = {"model.backbone": cfg.model.backbone, "method": cfg.method}
+    return build_classifier_from_checkpoint(path, expect)
+
+
+def evaluate_checkpoint(
+    ctx: StageContext, path: Path, split: str = "test", loaded=None
+) -> dict[str, Any]:
+    """Evaluate a stage-2 checkpoint on ``split`` and write ``metrics.json`` (rank 0).
+
+    ``loaded`` is what :func:`read_classifier` returned for ``path``, if it was read already.
+    """
     cfg = ctx.cfg
-    model, state = build_classifier_from_checkpoint(
-        path, {"model.backbone": cfg.model.backbone, "method": cfg.method}
-    )
+    model, state = loaded if loaded is not None else read_classifier(path, cfg)
     if state["num_classes"] != ctx.splits.num_classes:
         raise ValueError(
             f"{path}: checkpoint has {state['num_classes']} classes, the data has "
