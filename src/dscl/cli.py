@@ -160,6 +160,9 @@ def make_context(cfg, run_dir: Path):
         view_size=d.image_size,
         patch_size=d.patch_size,
         num_patches=d.num_patches,
+        crop_scale=tuple(d.crop_scale),
+        patch_scale=tuple(d.patch_scale),
+        color_augment=d.color_augment,
         mean=tuple(d.mean),
         std=tuple(d.std),
     )

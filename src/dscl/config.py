@@ -39,6 +39,9 @@ class DataConfig:
     image_size: int = 28  # view size in pixels (S)
     patch_size: int | None = None  # None: round(S * 64 / 224)
     num_patches: int = 5  # L
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # query/key crop area
+    patch_scale: list[float] = field(default_factory=lambda: [0.05, 0.6])  # patch box area
+    color_augment: bool = True  # colour jitter, grayscale and blur on the views
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = 0  # DataLoader workers for the per-sample path
@@ -138,6 +141,10 @@ class RunConfig:
         ema = self.pretrain.encoder_momentum
         if not 0.0 <= ema <= 1.0:
             raise ConfigError(f"pretrain.encoder_momentum: must be in [0, 1], got {ema}")
+        for key in ("crop_scale", "patch_scale"):
+            low, high = (getattr(self.data, key) + [0.0, 0.0])[:2]
+            if len(getattr(self.data, key)) != 2 or not 0.0 < low <= high <= 1.0:
+                raise ConfigError(f"data.{key}: need [low, high] with 0 < low <= high <= 1")
         if len(self.data.mean) != 3 or len(self.data.std) != 3:
             raise ConfigError("data.mean / data.std: need 3 values (RGB)")
         if not self.name or "/" in self.name or self.name in (".", ".."):
