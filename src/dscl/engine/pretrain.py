@@ -123,12 +123,16 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=p.momentum, weight_decay=p.weight_decay)
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)
+    # fp16 needs loss scaling against underflow; bf16 and fp32 do not (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp == torch.float16)
     ckpt_path = ctx.run_dir / PRETRAIN_CHECKPOINT
     start_epoch = 0
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when the run had no loss scaling
+            scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         ctx.logger.info(f"resuming stage 1 from {ckpt_path} at epoch {start_epoch}")
@@ -173,8 +177,9 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
             values = {"loss": loss.item()} | {k: v.item() for k, v in parts.items()}
             runtime.check_finite(loss, step, values)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             if contrastive:
                 model.update_momentum_encoder(p.encoder_momentum)
                 model.queue.enqueue(keys.detach().float(), key_labels)
@@ -194,6 +199,7 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
                     "model": model.state_dict(),
                     "backbone": stage1_backbone(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": runtime.rng_state(),
                     "config": config_to_dict(cfg),
                     "git_commit": git_commit(),
