@@ -123,3 +123,15 @@ def test_string_settings_keep_the_text_as_typed():
     assert cfg.amp == "off" and cfg.name == "123" and cfg.data.root is None
     with pytest.raises(ConfigError, match="quote it"):
         config_from_dict({"amp": False})
+
+
+def test_configs_folder_at_the_top_holds_the_shipped_configs():
+    top = Path(__file__).resolve().parents[1] / "configs"
+    assert (top / "fashion_mnist_lt.yaml").is_file()  # the path `make demo` uses
+    assert build_config(top / "fashion_mnist_lt.yaml") == build_config("fashion_mnist_lt")
+
+
+def test_missing_file_is_named_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_config(tmp_path / "nope.yaml")
+    assert str(err.value).count("nope.yaml") == 1

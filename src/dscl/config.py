@@ -295,8 +295,9 @@ def build_config(
     cfg = RunConfig()
     if config_file is not None:
         path = resolve_config_path(str(config_file))
+        data = load_yaml(path)  # its errors name the file already
         try:
-            _apply(cfg, load_yaml(path))
+            _apply(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
     for text in overrides:
