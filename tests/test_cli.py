@@ -344,3 +344,27 @@ def test_evaluate_rejects_a_checkpoint_of_another_method(finished_run: Path, cap
     out = str(finished_run.parent)
     msg = _error(capsys, ["evaluate", "--name", "full", f"output_dir={out}", "method=dscl"])
     assert "best.pt" in msg and "method" in msg
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed",
+)
+def test_demo_config_runs_on_real_data(tmp_path: Path):
+    """`make demo`'s config file and data path, shrunk to a few steps."""
+    top = Path(__file__).resolve().parents[1]
+    config = top / "configs" / "fashion_mnist_lt.yaml"
+    small = [
+        "data.n_max=256",
+        "pretrain.epochs=1",
+        "classifier.epochs=1",
+        "classifier.milestones=[]",
+        f"output_dir={tmp_path}",
+        "progress=false",
+    ]
+    assert main(["run", "--config", str(config), "--name", "demo", *small]) == 0
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 10_000 and metrics["class_counts"][0] == 256
