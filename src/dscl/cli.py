@@ -122,7 +122,9 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise RunFolderError(f"{run_dir}: run folder is not writable ({err.strerror})") from None
-    if overwrite and not resume:
+    # Under torchrun only rank 0 clears the folder (the process group does not exist yet, so read
+    # the rank from the environment): another rank deleting files could remove rank 0's new log.
+    if overwrite and not resume and os.environ.get("RANK", "0") == "0":
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
