@@ -230,11 +230,8 @@ def cmd_classify(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
     path = Path(args.pretrained) if args.pretrained else run_dir / "pretrain.pt"
-    from dscl.checkpoint import CheckpointError
     from dscl.engine.classifier import read_stage1
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: stage-1 checkpoint not found (run dscl pretrain first)")
     stage1 = read_stage1(path, cfg)  # a checkpoint that does not fit stops before any work
     prepare_run_dir(run_dir, overwrite=False, resume=True)
     ctx = make_context(cfg, run_dir)
@@ -247,13 +244,10 @@ def cmd_evaluate(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
     path = Path(args.checkpoint) if args.checkpoint else run_dir / "best.pt"
-    from dscl.checkpoint import CheckpointError
     from dscl.engine.classifier import evaluate_checkpoint, read_classifier
     from dscl.engine.evaluate import format_metrics_table
     from dscl.report import write_report
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
     loaded = read_classifier(path, cfg)  # a checkpoint that does not fit stops before any work
     prepare_run_dir(run_dir, overwrite=False, resume=True)
     ctx = make_context(cfg, run_dir)

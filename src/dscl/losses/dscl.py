@@ -111,6 +111,26 @@ def _contrast_log_prob(
     return log_prob, positive
 
 
+def _positive_terms(
+    query: Tensor,
+    key: Tensor,
+    labels: Tensor,
+    queue: Tensor,
+    queue_labels: Tensor,
+    queue_valid: Tensor | None,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What both losses weigh differently, per anchor (each (B,)): log p_i(k_i),
+    Σ_{a∈P_i} log p_i(a) and |P_i|."""
+    log_prob, positive = _contrast_log_prob(
+        query, key, labels, queue, queue_labels, queue_valid, temperature
+    )  # (B, 2B+K) each
+    batch = query.shape[0]
+    rows = torch.arange(batch, device=query.device)
+    key_log_prob = log_prob[rows, batch + rows]  # (B,)
+    return key_log_prob, (log_prob * positive).sum(dim=1), positive.sum(dim=1)
+
+
 def _check_contrast_inputs(
     query: Tensor,
     key: Tensor,
@@ -196,14 +216,10 @@ class DSCLLoss(nn.Module):
         _check_contrast_inputs(query, key, labels, queue, queue_labels, queue_valid)
         # B batch, K queue, D dim
         with torch.autocast(device_type=query.device.type, enabled=False):
-            log_prob, positive = _contrast_log_prob(
+            key_log_prob, positive_sum, num_positive = _positive_terms(
                 query, key, labels, queue, queue_labels, queue_valid, self.temperature
-            )
-            batch = query.shape[0]
-            rows = torch.arange(batch, device=query.device)
-            key_log_prob = log_prob[rows, batch + rows]  # (B,)
-            num_positive = positive.sum(dim=1)  # (B,)
-            positive_mean = (log_prob * positive).sum(dim=1) / num_positive.clamp(min=1)  # (B,)
+            )  # (B,) each
+            positive_mean = positive_sum / num_positive.clamp(min=1)  # (B,)
             # Weight α = 1/(1+β) on k_i when P_i is non-empty, 1 when it is empty.
             key_weight = torch.where(
                 num_positive > 0,
@@ -249,12 +265,8 @@ class SupConLoss(nn.Module):
         _check_contrast_inputs(query, key, labels, queue, queue_labels, queue_valid)
         # B batch, K queue, D dim
         with torch.autocast(device_type=query.device.type, enabled=False):
-            log_prob, positive = _contrast_log_prob(
+            key_log_prob, positive_sum, num_positive = _positive_terms(
                 query, key, labels, queue, queue_labels, queue_valid, self.temperature
-            )
-            batch = query.shape[0]
-            rows = torch.arange(batch, device=query.device)
-            key_log_prob = log_prob[rows, batch + rows]  # (B,)
-            positive_sum = (log_prob * positive).sum(dim=1)  # (B,)
-            loss = -(key_log_prob + positive_sum) / (positive.sum(dim=1) + 1)  # (B,)
+            )  # (B,) each
+            loss = -(key_log_prob + positive_sum) / (num_positive + 1)  # (B,)
             return loss.mean()
