@@ -124,7 +124,7 @@ def main() -> None:
             f"{r['setting']:>8} {r['backbone']:>9} {r['view']:>3}px batch {r['batch']:>4} "
             f"{r['amp']:>8} {r['device']:>6} channels_last={r['channels_last']}: "
             f"{r['images_per_s']:8.1f} images/s (median step {r['median_step_s'] * 1e3:.1f} ms)"
-            f", peak GPU memory {r['peak_gib']:.2f} GiB",
+            + (f", peak GPU memory {r['peak_gib']:.2f} GiB" if r["device"] != "cpu" else ""),
             flush=True,
         )
 
