@@ -117,7 +117,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
             )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # one per process under torchrun
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

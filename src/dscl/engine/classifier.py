@@ -28,8 +28,8 @@ from dscl.config import RunConfig, config_to_dict
 from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics, predict_logits
 from dscl.engine.feed import CLASSIFY, TrainFeed, eval_batches
-from dscl.engine.pretrain import Classifier, StageContext
-from dscl.models import build_backbone
+from dscl.engine.pretrain import StageContext
+from dscl.models import Classifier, build_backbone
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -87,11 +87,7 @@ def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
         num_workers=cfg.data.num_workers,
         in_memory=cfg.data.batched_views,
     )
-    head: nn.Module = model.fc
-    if world > 1:
-        head = nn.parallel.DistributedDataParallel(
-            model.fc, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    head = runtime.wrap_ddp(model.fc, device)
     optimizer = torch.optim.SGD(
         model.fc.parameters(), lr=0.0, momentum=c.momentum, weight_decay=c.weight_decay
     )

@@ -22,24 +22,9 @@ from dscl.config import RunConfig, config_to_dict
 from dscl.engine import runtime
 from dscl.engine.feed import CLASSIFY, VIEWS, TrainFeed
 from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss
-from dscl.models import ContrastiveModel, LinearClassifier, build_backbone
+from dscl.models import Classifier, ContrastiveModel, build_backbone
 
 PRETRAIN_CHECKPOINT = "pretrain.pt"
-
-
-class Classifier(nn.Module):
-    """Backbone + global average pool + linear layer (the ``ce`` baseline and stage 2)."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.fc = LinearClassifier(backbone.out_channels, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x).mean(dim=(2, 3))  # (B, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))  # (B, num_classes)
 
 
 @dataclass
@@ -138,13 +123,7 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
         ctx.logger.info(f"resuming stage 1 from {ckpt_path} at epoch {start_epoch}")
     elif contrastive:
         model.init_momentum_encoder()
-    wrapped = model
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+    wrapped = runtime.wrap_ddp(model, device)
     objective = ContrastiveObjective(cfg) if contrastive else None
     for epoch in range(start_epoch, p.epochs):
         model.train()

@@ -6,6 +6,7 @@ Logging (JSON lines, TensorBoard, progress) happens on rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -51,6 +52,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel when several processes run, else itself.
+
+    Buffers are not re-broadcast from rank 0 on every forward: the queue is identical on every
+    rank already (it is fed with gathered keys) and resending it each step costs bandwidth.
+    """
+    if dist.get_world_size() == 1:
+        return module
+    ddp = torch.nn.parallel.DistributedDataParallel
+    device_ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:  # newer torch
+        return ddp(module, device_ids=device_ids, forward_sync_buffers=False)
+    return ddp(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 def set_threads(threads: int | None) -> None:

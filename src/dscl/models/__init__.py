@@ -2,11 +2,12 @@
 
 from dscl.models.backbones import Backbone, build_backbone, list_backbones, register_backbone
 from dscl.models.contrastive import ContrastiveModel, ContrastiveOutput, Encoder
-from dscl.models.heads import LinearClassifier, ProjectionHead
+from dscl.models.heads import Classifier, LinearClassifier, ProjectionHead
 from dscl.models.queue import LabelledQueue
 
 __all__ = [
     "Backbone",
+    "Classifier",
     "ContrastiveModel",
     "ContrastiveOutput",
     "Encoder",

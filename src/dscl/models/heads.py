@@ -84,3 +84,25 @@ class LinearClassifier(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         return self.fc(x)
+
+
+class Classifier(nn.Module):
+    """Backbone + global average pool + linear layer: the ``ce`` baseline and the stage-2 model.
+
+    Args:
+        backbone: a module returning a feature map (N, C, H, W), with ``out_channels`` C.
+        num_classes: number of classes.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fc = LinearClassifier(backbone.out_channels, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) images -> (N, C) pooled backbone features."""
+        return self.backbone(x).mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) images -> (N, num_classes) logits."""
+        return self.fc(self.features(x))
