@@ -365,3 +365,9 @@ def test_demo_config_runs_on_real_data(tmp_path: Path):
     assert main(["run", "--config", str(config), "--name", "demo", *small]) == 0
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["num_samples"] == 10_000 and metrics["class_counts"][0] == 256
+
+
+def test_evaluate_rejects_a_checkpoint_of_another_method(finished_run: Path, capsys):
+    out = str(finished_run.parent)
+    msg = _error(capsys, ["evaluate", "--name", "full", f"output_dir={out}", "method=dscl"])
+    assert "best.pt" in msg and "method" in msg
