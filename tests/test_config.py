@@ -49,6 +49,7 @@ def test_yaml_then_overrides(tmp_path):
         ("pretrain.temperature=0", "pretrain.temperature: must be positive"),
         ("method=focal", "method: 'focal' is not one of"),
         ("classifier.bn_mode=frozen", "classifier.bn_mode"),
+        ("data.val_shortfall=skip", "data.val_shortfall"),
         ("data=3", "data: expected a mapping"),
         ("data.crop_scale=[0.5, 0.2]", "data.crop_scale: need [low, high]"),
         ("data.patch_scale=[0.1]", "data.patch_scale: need [low, high]"),

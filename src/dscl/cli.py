@@ -148,6 +148,7 @@ def make_context(cfg, run_dir: Path):
         imbalance_ratio=d.imbalance_ratio,
         seed=d.seed,
         val_per_class=d.val_per_class,
+        val_shortfall=d.val_shortfall,
         skip_bad_images=d.skip_bad_images,
         download=d.download,
         **d.extra,

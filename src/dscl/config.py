@@ -33,6 +33,9 @@ class DataConfig:
     imbalance_ratio: float | None = None  # n_max / n_min (None: the dataset's default)
     seed: int = 0  # which images the long-tailed subset keeps
     val_per_class: int = 20  # validation images per class where none are published
+    # when a class has too few unused images for validation (CIFAR-LT's head class): "partial"
+    # gives it fewer, "carve" moves the missing ones out of its training images, "error" stops
+    val_shortfall: str = "partial"
     skip_bad_images: bool = False
     download: bool = False  # allow torchvision's downloaders (never needed offline)
     extra: dict[str, Any] = field(default_factory=dict)  # list-file paths, image root, ...
@@ -110,6 +113,10 @@ class RunConfig:
             raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
         if self.classifier.bn_mode not in ("train", "eval"):
             raise ConfigError(f"classifier.bn_mode: {self.classifier.bn_mode!r} is not train/eval")
+        if self.data.val_shortfall not in ("partial", "carve", "error"):
+            raise ConfigError(
+                f"data.val_shortfall: {self.data.val_shortfall!r} is not partial/carve/error"
+            )
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"amp: {self.amp!r} is not one of auto, off, bf16, fp16")
         positive = {
