@@ -39,6 +39,10 @@ TINY = [
 ]
 
 
+def metrics_counts(run_dir: Path) -> list[int]:
+    return json.loads((run_dir / "metrics.json").read_text())["class_counts"]
+
+
 def tiny(tmp: Path, *extra: str) -> list[str]:
     return [*TINY, f"output_dir={tmp}", *extra]
 
@@ -60,9 +64,12 @@ def test_run_writes_every_file(finished_run: Path):
         "last.pt",
         "best.pt",
         "report.html",
+        "data_summary.json",
     ):
         assert (finished_run / name).is_file(), name
     assert any((finished_run / "tensorboard").iterdir())
+    summary = json.loads((finished_run / "data_summary.json").read_text())
+    assert summary["train"]["counts"] == metrics_counts(finished_run)
     metrics = json.loads((finished_run / "metrics.json").read_text())
     for key in (
         "top1",

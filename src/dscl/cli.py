@@ -7,6 +7,7 @@ with code 2, checked before any training starts. ``DSCL_DEBUG=1`` shows the trac
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ RUN_FILES = (
     "train_log.jsonl",
     "report.html",
     "config.yaml",
+    "data_summary.json",
 )
 
 
@@ -174,10 +176,17 @@ def make_context(cfg, run_dir: Path):
         cfg, run_dir, device, runtime.amp_dtype(cfg.amp, device), splits, view_cfg, logger
     )
     summary = splits.summary(d.many_threshold, d.few_threshold)
+    groups = ", ".join(f"{g} {v['classes']}" for g, v in summary["groups"].items())
     logger.info(
-        f"data {d.name}: {summary.get('num_train', len(splits.train))} training images, "
-        f"{splits.num_classes} classes; device {device}, world {dist.get_world_size()}"
+        f"data {d.name}: {summary['train']['total']} training images in {splits.num_classes} "
+        f"classes (imbalance {summary['imbalance_ratio']:g}; {groups}), "
+        f"{summary['val']['total']} validation, {summary['test']['total']} test; "
+        f"device {device}, {dist.get_world_size()} process(es)"
     )
+    for note in summary.get("notes", []):
+        logger.info(f"data note: {note}")
+    if dist.is_main_process():
+        (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return ctx
 
 
