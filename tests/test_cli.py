@@ -378,3 +378,10 @@ def test_evaluate_rejects_a_checkpoint_of_another_method(finished_run: Path, cap
     out = str(finished_run.parent)
     msg = _error(capsys, ["evaluate", "--name", "full", f"output_dir={out}", "method=dscl"])
     assert "best.pt" in msg and "method" in msg
+
+
+def test_resume_refuses_a_changed_config(finished_run: Path, capsys):
+    out = str(finished_run.parent)
+    argv = ["pretrain", "--name", "full", "--resume", *TINY, f"output_dir={out}"]
+    msg = _error(capsys, [*argv, "pretrain.epochs=5"])
+    assert "pretrain.epochs" in msg and "pretrain.pt" in msg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -15,8 +16,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the requested run."""
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The commit of the source tree this package runs from, or None outside a git checkout."""
+    """The commit of the source tree this package runs from, or None outside a git checkout.
+
+    Asked once per process: every checkpoint of a run carries the same answer."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(

@@ -201,12 +201,14 @@ def _write_config(cfg, run_dir: Path) -> None:
 def cmd_pretrain(args, *, then_classify: bool = False) -> int:
     cfg = resolve_config(args)
     run_dir = Path(cfg.output_dir) / cfg.name
+    from dscl.engine.pretrain import PRETRAIN_CHECKPOINT, pretrain, read_resume_state
+
+    # a checkpoint that does not fit the config stops here, before any work
+    resume_state = read_resume_state(run_dir / PRETRAIN_CHECKPOINT, cfg) if args.resume else None
     prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume)
     ctx = make_context(cfg, run_dir)
     _write_config(cfg, run_dir)
-    from dscl.engine.pretrain import pretrain
-
-    stage1 = pretrain(ctx, resume=args.resume)
+    stage1 = pretrain(ctx, resume_state)
     ctx.logger.info(f"stage 1 checkpoint: {stage1}")
     if then_classify:
         from dscl.engine.classifier import read_stage1

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscl import dist
-from dscl.checkpoint import git_commit, load_checkpoint, save_checkpoint
+from dscl.checkpoint import (
+    check_kind,
+    check_matches,
+    git_commit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dscl.config import RunConfig, config_to_dict
 from dscl.engine import runtime
 from dscl.engine.feed import CLASSIFY, VIEWS, TrainFeed
@@ -83,8 +89,35 @@ class ContrastiveObjective:
         return loss, parts | {"_keys": k_all, "_labels": y_all}
 
 
-def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
-    """Run stage 1 and return the path of its checkpoint."""
+def _get(cfg: RunConfig, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def read_resume_state(path: Path, cfg: RunConfig) -> dict | None:
+    """The stage-1 checkpoint to resume from (None when there is none yet), checked against
+    ``cfg`` on every setting the saved state depends on."""
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    check_kind(state, path, "pretrain")
+    same = (
+        "method",
+        "model.backbone",
+        "model.embed_dim",
+        "pretrain.queue_size",
+        "pretrain.epochs",
+        "pretrain.batch_size",
+    )
+    check_matches(state, path, {key: _get(cfg, key) for key in same})
+    return state
+
+
+def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
+    """Run stage 1 (from ``resume_state``, see :func:`read_resume_state`, when given) and return
+    the path of its checkpoint."""
     cfg, p, device = ctx.cfg, ctx.cfg.pretrain, ctx.device
     world = dist.get_world_size()
     if p.batch_size % world:
@@ -112,8 +145,8 @@ def pretrain(ctx: StageContext, *, resume: bool = False) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp == torch.float16)
     ckpt_path = ctx.run_dir / PRETRAIN_CHECKPOINT
     start_epoch = 0
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=device)
+    if resume_state is not None:
+        state = resume_state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # empty when the run had no loss scaling
