@@ -385,3 +385,44 @@ def test_resume_refuses_a_changed_config(finished_run: Path, capsys):
     argv = ["pretrain", "--name", "full", "--resume", *TINY, f"output_dir={out}"]
     msg = _error(capsys, [*argv, "pretrain.epochs=5"])
     assert "pretrain.epochs" in msg and "pretrain.pt" in msg
+
+
+def test_image_folder_through_dataloader_workers(tmp_path: Path):
+    """The per-sample path (DataLoader workers, PIL transforms) that file datasets such as
+    ImageNet-LT use, end to end on a small image folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (16, 8, 4)), ("test", (3, 3, 3))):
+        for c, n in enumerate(counts):
+            folder = tmp_path / "images" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (20, 20, 3)) + 60 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    args = [
+        "data.name=image_folder",
+        f"data.root={tmp_path / 'images'}",
+        "data.val_per_class=1",
+        "data.image_size=16",
+        "data.batched_views=false",
+        "data.num_workers=1",
+        "data.many_threshold=10",
+        "data.few_threshold=5",
+        "pretrain.epochs=1",
+        "pretrain.batch_size=8",
+        "pretrain.queue_size=16",
+        "classifier.epochs=1",
+        "classifier.batch_size=8",
+        f"output_dir={tmp_path}",
+        "progress=false",
+    ]
+    assert main(["run", "--name", "folder", *args]) == 0
+    metrics = json.loads((tmp_path / "folder" / "metrics.json").read_text())
+    assert metrics["class_counts"] == [15, 7, 3]  # one image per class carved for validation
+    assert metrics["num_samples"] == 9 and metrics["group_sizes"] == {
+        "many": 1,
+        "medium": 1,
+        "few": 1,
+    }
