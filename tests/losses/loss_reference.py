@@ -120,3 +120,17 @@ def make_problem(
         problem["teacher"] = unit(patches, batch, dim)
         problem["student"] = unit(patches, batch, dim)
     return problem
+
+
+def hand_problem() -> dict[str, Tensor]:
+    """The small case both hand-computed loss tests work out on paper."""
+    # q1=(1,0) q2=(0,1) k1=(.6,.8) k2=(.8,.6), labels (0,1); queue: u=(-1,0) label 1 valid and
+    # an invalid row (0,1) label 0 that would change both anchors if it were counted.
+    return {
+        "query": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
+        "key": torch.tensor([[0.6, 0.8], [0.8, 0.6]], dtype=torch.float64),
+        "labels": torch.tensor([0, 1]),
+        "queue": torch.tensor([[-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
+        "queue_labels": torch.tensor([1, 0]),
+        "queue_valid": torch.tensor([True, False]),
+    }

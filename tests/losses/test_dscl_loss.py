@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_reference import dscl_reference, make_problem
+from loss_reference import dscl_reference, hand_problem, make_problem
 
 from dscl.losses import DSCLLoss, SupConLoss
 
@@ -48,19 +48,6 @@ def test_mixed_anchors_with_and_without_positives():
     want, sizes = dscl_reference(*(problem[n] for n in ARGS), 0.1, 8.0)
     assert 0 in sizes and max(sizes) > 0  # both branches of L_i are exercised
     assert abs(_call(DSCLLoss(0.1, 8.0), problem).item() - want) < 1e-10
-
-
-def hand_problem():
-    # q1=(1,0) q2=(0,1) k1=(.6,.8) k2=(.8,.6), labels (0,1); queue: u=(-1,0) label 1 valid and
-    # an invalid row (0,1) label 0 that would change both anchors if it were counted.
-    return {
-        "query": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
-        "key": torch.tensor([[0.6, 0.8], [0.8, 0.6]], dtype=torch.float64),
-        "labels": torch.tensor([0, 1]),
-        "queue": torch.tensor([[-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
-        "queue_labels": torch.tensor([1, 0]),
-        "queue_valid": torch.tensor([True, False]),
-    }
 
 
 def test_hand_computed_case():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from loss_reference import make_problem, supcon_reference
+from loss_reference import hand_problem, make_problem, supcon_reference
 
 from dscl.losses import SupConLoss
 
@@ -33,22 +33,14 @@ def test_matches_reference_loop(batch, queue_size, num_classes):
 
 
 def test_hand_computed_case():
-    # Same vectors as test_dscl_loss.hand_problem: q1=(1,0) q2=(0,1) k1=(.6,.8) k2=(.8,.6),
+    # loss_reference.hand_problem: q1=(1,0) q2=(0,1) k1=(.6,.8) k2=(.8,.6),
     # labels (0,1), queue u=(-1,0) label 1 valid plus a masked row (0,1) label 0; τ = 0.5.
     # Anchor 1: logits q2 0, k1 1.2, k2 1.6, u -2; no same-class member, only k1:
     #   L_1 = -(1.2 - log(e^0 + e^1.2 + e^1.6 + e^-2)) = 1.0416119024112056
     # Anchor 2: logits q1 0, k1 1.6, k2 1.2, u 0; Z2 = 2 + e^1.6 + e^1.2; positives {k2, u}:
     #   L_2 = -[(1.2 - log Z2) + (0 - log Z2)] / 2
     # L = (L_1 + L_2) / 2 = 1.3855727671850278
-    problem = {
-        "query": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
-        "key": torch.tensor([[0.6, 0.8], [0.8, 0.6]], dtype=torch.float64),
-        "labels": torch.tensor([0, 1]),
-        "queue": torch.tensor([[-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
-        "queue_labels": torch.tensor([1, 0]),
-        "queue_valid": torch.tensor([True, False]),
-    }
-    got = _call(SupConLoss(temperature=0.5), problem)
+    got = _call(SupConLoss(temperature=0.5), hand_problem())
     assert math.isclose(got.item(), 1.3855727671850278, rel_tol=0, abs_tol=1e-12)
 
 
