@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from dscl.config import METHODS
+from dscl.methods import method_names
 
 
 def run_method(config: str, method: str, output_dir: Path, overrides: list[str]) -> dict:
@@ -53,7 +53,7 @@ def fmt(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="fashion_mnist_lt")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -1,132 +1,198 @@
-"""Stage-1 training throughput (images/s) and peak memory on synthetic data.
+"""Stage-1 training throughput: the training step itself, its split into phases, and the compute
+limit of the same settings.
 
-Runs the real training step (views on the device, query/key/patch forward, DSCL + PBSD losses,
-backward, SGD, EMA and queue update) for a CIFAR-sized (ResNet-32, 32 px) or ImageNet-sized
-(ResNet-50, 224 px) setting, and prints one line per setting with the median over timed steps.
+For each setting this times :func:`dscl.engine.loop.run_epoch` (the function ``dscl pretrain``
+runs) on in-memory synthetic images of the setting's size: the same views on the device, method
+step, backward, optimizer, EMA and queue. It prints images/s (median over timed epochs of a few
+steps), the share of a step spent making views, in the forward pass, the backward pass and the
+update (optimizer + EMA + queue), and peak memory (RSS on a CPU, allocated memory on a GPU).
 
-    python benchmarks/throughput.py --setting cifar --steps 20 --amp bf16
-    python benchmarks/throughput.py --setting imagenet --batch-size 128 --amp bf16 --device cuda
+The *compute limit* is the same encoder work with nothing else: the query view, key view and
+patches are made once, and each step only runs the query and patch forward + backward and the key
+forward, with no losses, no optimizer and no bookkeeping. "share of limit" = training images/s
+divided by limit images/s.
+
+    python benchmarks/throughput.py                        # demo and cifar settings, on a CPU
+    python benchmarks/throughput.py --setting imagenet --steps 2 --epochs 1
+    python benchmarks/throughput.py --setting cifar --setting imagenet --device cuda --amp bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import sys
 import time
 
+import numpy as np
 import torch
 
 from dscl.config import RunConfig
+from dscl.data.synthetic import make_synthetic
 from dscl.data.views import BatchedMultiView, ViewConfig
 from dscl.engine import runtime
-from dscl.engine.pretrain import ContrastiveObjective
-from dscl.models import ContrastiveModel, build_backbone
+from dscl.engine.feed import TrainFeed
+from dscl.engine.loop import Optimization, StepTimes, run_epoch
+from dscl.methods import build_method
 
 SETTINGS = {
-    # name: (backbone, view size, source image size, default batch)
-    "cifar": ("resnet32", 32, 32, 256),
-    "fmnist": ("resnet32", 28, 28, 128),
-    "imagenet": ("resnet50", 224, 256, 64),
+    # name: (backbone, view size, patch size, source image size, default batch)
+    "demo": ("resnet32", 28, 8, 28, 128),
+    "cifar": ("resnet32", 32, 16, 32, 128),
+    "imagenet": ("resnet50", 224, 64, 256, 32),
 }
+PHASES = ("data", "forward", "backward", "update")
 
 
-def measure(
-    setting: str,
-    *,
-    steps: int,
-    warmup: int,
-    batch_size: int | None,
-    amp: str,
-    device: str,
-    channels_last: bool,
-    method: str,
-) -> dict:
-    backbone_name, view, source, default_batch = SETTINGS[setting]
-    batch = batch_size or default_batch
-    dev = runtime.select_device(device)
-    dtype = runtime.amp_dtype(amp, dev)
-    cfg = RunConfig(method=method)
-    cfg.pretrain.queue_size = 4096
-    model = ContrastiveModel(build_backbone(backbone_name), queue_size=4096).to(dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    model.init_momentum_encoder()
-    objective = ContrastiveObjective(cfg)
-    views = BatchedMultiView(ViewConfig(view_size=view))
-    opt = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=5e-4
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+def build(setting: str, args, device: torch.device):
+    backbone, view, patch, source, default_batch = SETTINGS[setting]
+    batch = args.batch_size or default_batch
+    cfg = RunConfig(method=args.method)
+    cfg.model.backbone = backbone
+    cfg.pretrain.queue_size = args.queue_size
+    view_cfg = ViewConfig(view_size=view, patch_size=patch)
+    steps = args.steps
+    images = make_synthetic([batch * steps // 10 + 1] * 10, source, seed=0, stream=0)
+    feed = TrainFeed(
+        images,
+        kind=build_method(cfg, 10).feed_kind,
+        view_cfg=view_cfg,
+        batch_size=batch,
+        balanced=False,
+        seed=0,
+        device=device,
     )
-    gen = torch.Generator(device=dev).manual_seed(0)
-    images = torch.randint(
-        0, 256, (batch, 3, source, source), dtype=torch.uint8, device=dev, generator=gen
+    method = build_method(cfg, 10)
+    fmt = torch.channels_last if not args.no_channels_last else torch.contiguous_format
+    method.model.to(device, memory_format=fmt)
+    method.start_training()
+    optimizer = torch.optim.SGD(
+        method.trainable_parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4
     )
-    labels = torch.randint(0, 100, (batch,), device=dev, generator=gen)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for step in range(warmup + steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    amp = runtime.amp_dtype(args.amp, device)
+    lr_at = np.full(feed.steps_per_epoch * (args.epochs + 1), 0.01)
+    opt = Optimization(optimizer, lr_at, runtime.grad_scaler(device, amp), device, amp, fmt)
+    return cfg, view_cfg, feed, method, opt, batch
+
+
+def measure_training(setting: str, args, device: torch.device) -> dict:
+    """Images/s of run_epoch (median over epochs after one warm-up epoch) and the phase split."""
+    _, _, feed, method, opt, batch = build(setting, args, device)
+    steps = feed.steps_per_epoch
+    speeds, times = [], None
+    for epoch in range(args.epochs + 1):
+        timer = StepTimes(device) if epoch > 0 and args.phases else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        v = views(images, generator=gen)
-        q, k = (v[name].contiguous(memory_format=fmt) for name in ("query", "key"))
-        with runtime.autocast(dev, dtype):
-            out = model(q, k, v["patches"], v["boxes"])
-            loss, parts = objective(out, labels, model.queue)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.update_momentum_encoder(0.999)
-        model.queue.enqueue(parts["_keys"].float(), parts["_labels"])
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-    return {
-        "setting": setting,
-        "backbone": backbone_name,
-        "view": view,
-        "batch": batch,
-        "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
-        "device": str(dev),
-        "channels_last": channels_last,
-        "median_step_s": median,
-        "images_per_s": batch / median,
-        "peak_gib": peak,
-    }
+        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps, times=timer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if epoch > 0:  # the first epoch warms up (allocator, oneDNN kernels, cuDNN autotuning)
+            speeds.append(steps * batch / (time.perf_counter() - start))
+            if timer is not None:
+                times = timer if times is None else _merge(times, timer)
+    split = {}
+    if times is not None:
+        total = sum(times.seconds.get(p, 0.0) for p in PHASES)
+        split = {p: times.seconds.get(p, 0.0) / total for p in PHASES}
+    return {"images_per_s": statistics.median(speeds), "split": split, "batch": batch}
+
+
+def _merge(a: StepTimes, b: StepTimes) -> StepTimes:
+    for key, value in b.seconds.items():
+        a.seconds[key] = a.seconds.get(key, 0.0) + value
+    a.steps += b.steps
+    return a
+
+
+def measure_limit(setting: str, args, device: torch.device) -> float:
+    """Images/s of the encoders' forward + backward alone on fixed, precomputed inputs."""
+    cfg, view_cfg, feed, method, opt, batch = build(setting, args, device)
+    model = method.model
+    fmt = opt.memory_format
+    encoder = model.query_encoder if hasattr(model, "query_encoder") else None
+    views = BatchedMultiView(view_cfg)
+    images = feed.images[:batch]
+    x = views(images, generator=torch.Generator(device=device).manual_seed(0))
+    query = x["query"].contiguous(memory_format=fmt)
+    key = x["key"].contiguous(memory_format=fmt)
+    patches = x["patches"].flatten(0, 1).contiguous(memory_format=fmt)  # (B·L, 3, p, p)
+    with_patches = "pbsd" in args.method
+
+    def work() -> None:
+        with runtime.autocast(device, opt.amp):
+            if encoder is None:  # ce: one view through backbone + linear layer
+                out = model(query).float().sum()
+            else:
+                out = encoder(query).float().sum()
+                if with_patches:
+                    out = out + encoder(patches).float().sum()
+                with torch.no_grad():
+                    model.momentum_encoder(key)
+        out.backward()
+
+    rates = []
+    for i in range(args.steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i > 0:
+            rates.append(batch / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), action="append")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="steps per timed epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up)")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    parser.add_argument("--queue-size", type=int, default=1024)
+    parser.add_argument("--amp", default="off", choices=("auto", "off", "bf16", "fp16"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--method", default="dscl+pbsd")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--no-phases", dest="phases", action="store_false")
     args = parser.parse_args()
-    for setting in args.setting or ["cifar"]:
-        r = measure(
-            setting,
-            steps=args.steps,
-            warmup=args.warmup,
-            batch_size=args.batch_size,
-            amp=args.amp,
-            device=args.device,
-            channels_last=not args.no_channels_last,
-            method=args.method,
-        )
+    runtime.set_threads(args.threads)
+    device = runtime.select_device(args.device)
+    print(
+        f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, amp={args.amp}, "
+        f"method {args.method}",
+        flush=True,
+    )
+    header = "| setting | backbone | view/patch px | batch | images/s | limit images/s | share "
+    header += "of limit | data | forward | backward | update | peak memory GiB |"
+    print(header)
+    print("|" + "---|" * 12)
+    for setting in args.setting or ["demo", "cifar"]:
+        backbone, view, patch, _, _ = SETTINGS[setting]
+        trained = measure_training(setting, args, device)
+        limit = measure_limit(setting, args, device)
+        split = trained["split"]
+        cells = [f"{100 * split[p]:.0f}%" if split else "-" for p in PHASES]
         print(
-            f"{r['setting']:>8} {r['backbone']:>9} {r['view']:>3}px batch {r['batch']:>4} "
-            f"{r['amp']:>8} {r['device']:>6} channels_last={r['channels_last']}: "
-            f"{r['images_per_s']:8.1f} images/s (median step {r['median_step_s'] * 1e3:.1f} ms)"
-            + (f", peak GPU memory {r['peak_gib']:.2f} GiB" if r["device"] != "cpu" else ""),
+            f"| {setting} | {backbone} | {view}/{patch} | {trained['batch']} | "
+            f"{trained['images_per_s']:.1f} | {limit:.1f} | "
+            f"{100 * trained['images_per_s'] / limit:.0f}% | " + " | ".join(cells) + " | "
+            f"{peak_memory_gib(device):.2f} |",
             flush=True,
         )
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dscl.config import (
     ConfigError,
@@ -79,8 +80,6 @@ def test_round_trip_through_dict_and_yaml():
     cfg = build_config(None, ["pretrain.epochs=5", "data.root=/x", "data.extra={a: 1}"])
     again = config_from_dict(config_to_dict(cfg))
     assert again == cfg
-    import yaml
-
     assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
 
 
@@ -136,3 +135,83 @@ def test_missing_file_is_named_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         build_config(tmp_path / "nope.yaml")
     assert str(err.value).count("nope.yaml") == 1
+
+
+def test_dotted_keys_into_a_mapping_setting_give_plain_values():
+    cfg = build_config(
+        None,
+        [
+            "data.name=imagenet_lt",
+            "data.extra.train_list=train.txt",
+            "data.extra.num_classes=7",
+            "data.extra.sub.flag=off",
+        ],
+    )
+    # what YAML reads, as in data.extra={...}; no internal override object is left in the mapping
+    assert cfg.data.extra == {"train_list": "train.txt", "num_classes": 7, "sub": {"flag": False}}
+    assert type(cfg.data.extra["train_list"]) is str
+    assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg  # dumps as plain YAML
+
+
+def test_mapping_setting_merges_file_mapping_and_dotted_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  extra:\n    train_list: a.txt\n    list_dir: /lists\n")
+    cfg = build_config(path, ["data.extra.val_list=v.txt"])
+    assert cfg.data.extra == {"train_list": "a.txt", "list_dir": "/lists", "val_list": "v.txt"}
+    # both forms, in either order, add to what is there and replace only the keys they name
+    cfg = build_config(path, ["data.extra={train_list: b.txt}", "data.extra.test_list=t.txt"])
+    assert cfg.data.extra == {"train_list": "b.txt", "list_dir": "/lists", "test_list": "t.txt"}
+    cfg = build_config(path, ["data.extra.test_list=t.txt", "data.extra={list_dir: /l2}"])
+    assert cfg.data.extra == {"train_list": "a.txt", "list_dir": "/l2", "test_list": "t.txt"}
+    assert RunConfig().data.extra == {}  # the default mapping is not shared or changed
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("pretrain.epochs.x=1", "pretrain.epochs.x: unknown key"),
+        ("data.mean.0=0.5", "data.mean.0: unknown key"),
+        ("data.extra=3", "data.extra: expected a mapping"),
+        ("data.extra={1: a.txt}", "data.extra: keys must be strings"),
+        ("pretrain.beta=.nan", "pretrain.beta: expected a finite number"),
+        ("pretrain.temperature=.inf", "pretrain.temperature: expected a finite number"),
+        (f"pretrain.beta={10**400}", "pretrain.beta: number too large"),
+        ("threads=0", "threads: must be positive"),
+        ("data.n_max=0", "data.n_max: must be positive"),
+        ("data.patch_size=-2", "data.patch_size: must be positive"),
+        ("data.imbalance_ratio=0.5", "data.imbalance_ratio: must be >= 1"),
+        ("data.val_per_class=-1", "data.val_per_class: must not be negative"),
+        ("data.few_threshold=200", "data.many_threshold: must be >= data.few_threshold"),
+        ("data.std=[0.2, 0.0, 0.2]", "data.std: values must be positive"),
+        ("classifier.eval_every=0", "classifier.eval_every: must be positive"),
+        ("classifier.milestones=[-1]", "classifier.milestones: must not be negative"),
+        ("classifier.weight_decay=-0.1", "classifier.weight_decay: must not be negative"),
+        ("pretrain.momentum=-0.5", "pretrain.momentum: must not be negative"),
+        ("pretrain.label_smoothing=1.5", "pretrain.label_smoothing: must be in [0, 1]"),
+    ],
+)
+def test_values_that_would_fail_later_are_config_errors(override, needle):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [override])
+    assert needle in str(err.value)
+    assert "_Override" not in str(err.value)
+
+
+def test_optional_settings_accept_null_and_positive_values():
+    cfg = build_config(None, ["threads=2", "data.n_max=50", "data.imbalance_ratio=1"])
+    assert (cfg.threads, cfg.data.n_max, cfg.data.imbalance_ratio) == (2, 50, 1.0)
+    assert build_config(None, ["threads=null"]).threads is None
+
+
+def test_config_errors_are_user_errors(tmp_path):
+    from dscl.errors import UserError
+
+    assert issubclass(ConfigError, UserError)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name: x")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: not a text \(UTF-8\) file"):
+        build_config(binary)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"folder\.yaml"):
+        build_config(folder)

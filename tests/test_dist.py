@@ -11,6 +11,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from dscl import dist
+from dscl.errors import SetupError
 from dscl.losses import DSCLLoss
 
 SUPPORT_DIR = Path(__file__).resolve().parent / "dist_support"
@@ -36,12 +37,37 @@ def test_no_group_gathers_return_input():
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
 
 
-def test_no_group_reduce_and_broadcast():
-    x = torch.tensor([1.0, 3.0])
-    mean = dist.all_reduce_mean(x)
-    assert torch.equal(mean, x) and mean.data_ptr() != x.data_ptr()
-    obj = {"a": [1, 2]}
-    assert dist.broadcast_object(obj) is obj
+def test_no_group_any_rank_is_the_flag():
+    assert dist.any_rank(True) is True
+    assert dist.any_rank(False) is False
+    assert dist.any_rank(1) is True  # any truthy value, returned as a bool
+
+
+def test_collective_device_follows_the_backend(monkeypatch):
+    # No second GPU here: check the choice itself (nccl needs the current CUDA device).
+    monkeypatch.setattr(dist.dist, "get_backend", lambda group=None: "gloo")
+    assert dist._collective_device() == torch.device("cpu")
+    monkeypatch.setattr(dist.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert dist._collective_device() == torch.device("cuda", 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and nccl")
+def test_any_rank_reduces_on_the_cuda_device_with_nccl(monkeypatch):
+    # A one-process nccl group; the reduction itself is called (any_rank skips it for one rank).
+    if not tdist.is_nccl_available():
+        pytest.skip("nccl is not available")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.cuda.set_device(0)
+    tdist.init_process_group("nccl", init_method="env://", rank=0, world_size=1)
+    try:
+        assert dist._collective_device() == torch.device("cuda", 0)
+        assert dist._all_reduce_max_flag(True) is True
+        assert dist._all_reduce_max_flag(False) is False
+    finally:
+        dist.cleanup()
+    assert not dist.is_dist_available_and_initialized()
 
 
 def test_no_group_shuffle_is_identity():
@@ -71,20 +97,57 @@ def test_init_distributed_single_process(monkeypatch):
         ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK"),
         ({"RANK": "-1"}, "RANK"),
         ({"LOCAL_RANK": "-1"}, "LOCAL_RANK"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR"),  # not started by torchrun
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"}, "MASTER_PORT"),
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"}, "MASTER_PORT"),
     ],
 )
 def test_init_distributed_bad_environment(monkeypatch, env, name):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+    with pytest.raises(SetupError, match=rf"\b{name}\b"):
         dist.init_distributed()
+    assert not dist.is_dist_available_and_initialized()
 
 
 def test_init_distributed_bad_backend():
-    with pytest.raises(ValueError, match=r"^backend\b"):
+    with pytest.raises(ValueError, match=r"^backend\b") as err:
         dist.init_distributed(backend="")
+    assert not isinstance(err.value, SetupError)  # a caller's bug, not the user's
+
+
+def test_init_distributed_nccl_without_that_gpu_is_a_setup_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SetupError, match=r"LOCAL_RANK=0 needs GPU 0 for nccl but 0 GPU"):
+        dist.init_distributed(backend="nccl")
+    assert not dist.is_dist_available_and_initialized()
+
+
+def test_init_distributed_failed_rendezvous_is_a_setup_error(monkeypatch):
+    if not (tdist.is_available() and tdist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+
+    def refuse(**kwargs):
+        raise tdist.DistStoreError("connect() timed out.\nmore detail")
+
+    for var, value in dict(
+        WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="10.0.0.9", MASTER_PORT="29500"
+    ).items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(tdist, "init_process_group", refuse)
+    with pytest.raises(SetupError) as err:
+        dist.init_distributed(backend="gloo")
+    message = str(err.value)
+    assert "rank 1 of 2" in message and "MASTER_ADDR=10.0.0.9" in message
+    assert "connect() timed out." in message and "\n" not in message  # one line
 
 
 # --- two processes on one CPU (gloo) ------------------------------------------------------
@@ -202,8 +265,8 @@ def test_batch_shuffle_round_trip_and_crosses_ranks(two_process):
         assert torch.equal(out["unshuffled"], 10 * rows[:, None].repeat(1, 3))
 
 
-def test_reduce_and_broadcast_across_ranks(two_process):
+def test_any_rank_across_ranks(two_process):
     _, results = two_process
     for out in results:
-        assert torch.equal(out["mean"], torch.tensor([0.5, 1.0]))
-        assert out["broadcast"] == {"from": 1}
+        # True on both ranks when either rank's flag is True, whichever rank it is.
+        assert out["any_rank"] == {"none": False, "all": True, "rank0": True, "rank1": True}

@@ -1,19 +1,21 @@
-"""Checkpoints: atomic save, safe load, and the metadata every checkpoint carries."""
+"""Run files: the one atomic writer, checkpoint save and safe load, and reading a checkpoint for
+each purpose (resume stage 1, stage 2 on a stage-1 model, evaluate or predict with a classifier,
+export a backbone), each checked against the run's config before any work starts."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit the requested run."""
+from dscl.errors import CheckpointError
 
 
 @functools.cache
@@ -40,23 +42,45 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], None]) -> Path:
+    """Write a file atomically: a temporary file in the same folder, fsync, then a rename.
 
-    A crash mid-write leaves the previous checkpoint intact.
+    A crash or a full disk mid-write leaves the previous file intact and no temporary behind.
+
+    Args:
+        path: the file to (re)place; its folder is created if needed.
+        content: bytes, text (written as UTF-8), or a function that writes to a binary handle.
+
+    Returns:
+        ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically."""
+    return atomic_write(path, json.dumps(payload, indent=1, default=str))
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -96,3 +120,75 @@ def check_matches(state: dict[str, Any], path: str | Path, expected: dict[str, A
             raise CheckpointError(
                 f"{path}: checkpoint has {dotted}={node!r} but this run uses {dotted}={want!r}"
             )
+
+
+# Settings a stage-1 checkpoint must share with the run that resumes it (its saved state has
+# their shapes and its schedule their lengths), and with a stage 2 trained on it.
+RESUME_KEYS = (
+    "method",
+    "model.backbone",
+    "model.embed_dim",
+    "pretrain.queue_size",
+    "pretrain.epochs",
+    "pretrain.batch_size",
+)
+STAGE2_KEYS = ("model.backbone", "method")
+
+
+def config_values(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``{dotted key: value}`` read from a RunConfig."""
+    values = {}
+    for dotted in keys:
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        values[dotted] = node
+    return values
+
+
+def read_checkpoint(
+    path: str | Path, kinds: tuple[str, ...], expect: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load ``path`` (on the CPU), check its kind and that its config has ``expect``'s values."""
+    state = load_checkpoint(path)
+    check_kind(state, path, *kinds)
+    if expect:
+        check_matches(state, path, expect)
+    return state
+
+
+def read_stage1(path: str | Path, cfg: Any, *, resume: bool = False) -> dict[str, Any]:
+    """A stage-1 checkpoint for stage 2 on its backbone, or (``resume``) to continue it."""
+    keys = RESUME_KEYS if resume else STAGE2_KEYS
+    return read_checkpoint(path, ("pretrain",), config_values(cfg, keys))
+
+
+def read_classifier(path: str | Path, cfg: Any | None = None):
+    """A stage-2 checkpoint as ``(Classifier, state)``; with ``cfg``, checked against it."""
+    from dscl.models import Classifier, build_backbone
+
+    expect = config_values(cfg, STAGE2_KEYS) if cfg is not None else None
+    state = read_checkpoint(path, ("classifier",), expect)
+    name = state["config"]["model"]["backbone"]
+    model = Classifier(build_backbone(name), state["num_classes"])
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def read_backbone(path: str | Path):
+    """The backbone of a stage-1 or stage-2 checkpoint, built and loaded (for export)."""
+    from dscl.models import build_backbone
+
+    state = read_checkpoint(path, ("pretrain", "classifier"))
+    name = state["config"]["model"]["backbone"]
+    if state["kind"] == "pretrain":
+        weights = state["backbone"]
+    else:
+        prefix = "backbone."
+        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    backbone = build_backbone(name)
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: backbone weights do not fit {name}: {err}") from None
+    return backbone

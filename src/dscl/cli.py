@@ -7,13 +7,14 @@ with code 2, checked before any training starts. ``DSCL_DEBUG=1`` shows the trac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from dscl import __version__
+from dscl.errors import RunFolderError
+from dscl.study import add_study_parser, cmd_study
 
 RUN_FILES = (
     "pretrain.pt",
@@ -27,14 +28,38 @@ RUN_FILES = (
 )
 
 
-class RunFolderError(ValueError):
-    """The run folder cannot be used (unwritable, or holds a finished run)."""
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser whose options and positional arguments may come in any order.
+
+    ``dscl pretrain --name x a=1 --overwrite b=2`` keeps ``b=2`` as an override: the subparsers
+    action calls :meth:`parse_known_args`, which here parses intermixed (options first, then the
+    positional arguments from whatever is left).
+    """
+
+    _intermixing = False  # set while the intermixed parse runs the two plain passes
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        return self.parse_known_intermixed_args(args, namespace)
+
+    def parse_known_intermixed_args(self, args=None, namespace=None):
+        self._intermixing = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file or shipped config name (e.g. fashion_mnist_lt)")
     p.add_argument("--name", help="run name: the run folder is <output_dir>/<name>")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides (may come before, between or after the options)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Patch-Based Self Distillation.",
     )
     parser.add_argument("--version", action="version", version=f"dscl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # every subcommand accepts its options and positional arguments in any order
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
     for name, text in (
         ("pretrain", "stage 1: contrastive representation learning (or ce)"),
         ("run", "stage 1, stage 2, test evaluation and report in one go"),
@@ -71,18 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="file to write (torch.save)")
     p = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p)
+    add_study_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from dscl.checkpoint import CheckpointError
-    from dscl.config import ConfigError
-    from dscl.data import DataError
+    """Run one ``dscl`` command; returns the exit code.
 
+    A :class:`~dscl.errors.UserError` prints one line and gives 2 (``DSCL_DEBUG=1`` re-raises
+    it); a non-finite loss gives 1, Ctrl-C 130. Any other exception is a bug and propagates
+    with its traceback. The process group, if a command made one, is destroyed at the end.
+    """
+    from dscl.errors import UserError
+
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, RunFolderError, ValueError) as err:
+    except UserError as err:
         if os.environ.get("DSCL_DEBUG"):
             raise
         print(f"dscl: error: {err}", file=sys.stderr)
@@ -93,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dscl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Only dscl.dist creates a group; if it was never imported there is none (and no torch
+        # import is needed for commands such as ``config``).
+        if "dscl.dist" in sys.modules:
+            sys.modules["dscl.dist"].cleanup()
 
 
 def resolve_config(args: argparse.Namespace, *, prefer_run_config: bool = False):
@@ -137,6 +173,7 @@ def make_context(cfg, run_dir: Path):
     import torch
 
     from dscl import dist
+    from dscl.checkpoint import write_json
     from dscl.data import build_splits
     from dscl.data.views import ViewConfig
     from dscl.engine import runtime
@@ -149,6 +186,7 @@ def make_context(cfg, run_dir: Path):
         n_max=d.n_max,
         imbalance_ratio=d.imbalance_ratio,
         seed=d.seed,
+        class_order=d.class_order,
         val_per_class=d.val_per_class,
         val_shortfall=d.val_shortfall,
         skip_bad_images=d.skip_bad_images,
@@ -186,33 +224,35 @@ def make_context(cfg, run_dir: Path):
     for note in summary.get("notes", []):
         logger.info(f"data note: {note}")
     if dist.is_main_process():
-        (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_json(run_dir / "data_summary.json", summary)
     return ctx
 
 
 def _write_config(cfg, run_dir: Path) -> None:
     from dscl import dist
+    from dscl.checkpoint import atomic_write
     from dscl.config import config_to_yaml
 
     if dist.is_main_process():
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        atomic_write(run_dir / "config.yaml", config_to_yaml(cfg))
 
 
 def cmd_pretrain(args, *, then_classify: bool = False) -> int:
     cfg = resolve_config(args)
     run_dir = Path(cfg.output_dir) / cfg.name
-    from dscl.engine.pretrain import PRETRAIN_CHECKPOINT, pretrain, read_resume_state
+    from dscl.checkpoint import read_stage1
+    from dscl.engine.pretrain import PRETRAIN_CHECKPOINT, pretrain
 
     # a checkpoint that does not fit the config stops here, before any work
-    resume_state = read_resume_state(run_dir / PRETRAIN_CHECKPOINT, cfg) if args.resume else None
+    resume_state = None
+    if args.resume and (run_dir / PRETRAIN_CHECKPOINT).is_file():
+        resume_state = read_stage1(run_dir / PRETRAIN_CHECKPOINT, cfg, resume=True)
     prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume)
     ctx = make_context(cfg, run_dir)
     _write_config(cfg, run_dir)
     stage1 = pretrain(ctx, resume_state)
     ctx.logger.info(f"stage 1 checkpoint: {stage1}")
     if then_classify:
-        from dscl.engine.classifier import read_stage1
-
         _classify_evaluate(ctx, read_stage1(stage1, cfg))
     ctx.logger.close()
     return 0
@@ -242,7 +282,7 @@ def cmd_classify(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
     path = Path(args.pretrained) if args.pretrained else run_dir / "pretrain.pt"
-    from dscl.engine.classifier import read_stage1
+    from dscl.checkpoint import read_stage1
 
     stage1 = read_stage1(path, cfg)  # a checkpoint that does not fit stops before any work
     prepare_run_dir(run_dir, overwrite=False, resume=True)
@@ -256,7 +296,8 @@ def cmd_evaluate(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
     path = Path(args.checkpoint) if args.checkpoint else run_dir / "best.pt"
-    from dscl.engine.classifier import evaluate_checkpoint, read_classifier
+    from dscl.checkpoint import read_classifier
+    from dscl.engine.classifier import evaluate_checkpoint
     from dscl.engine.evaluate import format_metrics_table
     from dscl.report import write_report
 
@@ -313,6 +354,7 @@ COMMANDS = {
     "config": cmd_config,
     "predict": cmd_predict,
     "export": cmd_export,
+    "study": cmd_study,
 }
 
 if __name__ == "__main__":

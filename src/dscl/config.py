@@ -8,6 +8,7 @@ folder and stored in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,13 +17,10 @@ from typing import Any
 
 import yaml
 
-METHODS = ("ce", "supcon", "dscl", "supcon+pbsd", "dscl+pbsd")
+from dscl.errors import ConfigError
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix (unknown key, wrong type, bad value)."""
 
 
 @dataclass
@@ -32,6 +30,9 @@ class DataConfig:
     n_max: int | None = None  # images in the largest class (None: the dataset's default)
     imbalance_ratio: float | None = None  # n_max / n_min (None: the dataset's default)
     seed: int = 0  # which images the long-tailed subset keeps
+    # which class gets which count of the profile: "label" (class c gets the c-th largest) or an
+    # integer seed that permutes the classes over the counts (separates frequency from difficulty)
+    class_order: int | str = "label"
     val_per_class: int = 20  # validation images per class where none are published
     # when a class has too few unused images for validation (CIFAR-LT's head class): "partial"
     # gives it fewer, "carve" moves the missing ones out of its training images, "error" stops
@@ -94,7 +95,7 @@ class ClassifierConfig:
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
-    method: str = "dscl+pbsd"  # one of METHODS
+    method: str = "dscl+pbsd"  # a registered method (dscl.methods): ce, supcon, dscl, ...+pbsd
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 on GPU), "off", "bf16", "fp16"
@@ -109,14 +110,18 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the key."""
-        if self.method not in METHODS:
-            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        from dscl.methods import check_method  # the registry (imports torch)
+
+        check_method(self.method)
         if self.classifier.bn_mode not in ("train", "eval"):
             raise ConfigError(f"classifier.bn_mode: {self.classifier.bn_mode!r} is not train/eval")
         if self.data.val_shortfall not in ("partial", "carve", "error"):
             raise ConfigError(
                 f"data.val_shortfall: {self.data.val_shortfall!r} is not partial/carve/error"
             )
+        order = self.data.class_order
+        if isinstance(order, str) and order != "label":
+            raise ConfigError(f"data.class_order: {order!r} is neither 'label' nor an integer seed")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"amp: {self.amp!r} is not one of auto, off, bf16, fp16")
         positive = {
@@ -129,9 +134,15 @@ class RunConfig:
             "data.num_patches": self.data.num_patches,
             "model.embed_dim": self.model.embed_dim,
             "log_every": self.log_every,
+            "classifier.eval_every": self.classifier.eval_every,
+            "classifier.gamma": self.classifier.gamma,
+            # optional settings: None means "the default" and is always allowed
+            "threads": self.threads,
+            "data.n_max": self.data.n_max,
+            "data.patch_size": self.data.patch_size,
         }
         for key, value in positive.items():
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be positive, got {value}")
         non_negative = {
             "pretrain.warmup_epochs": self.pretrain.warmup_epochs,
@@ -139,12 +150,34 @@ class RunConfig:
             "pretrain.pbsd_weight": self.pretrain.pbsd_weight,
             "pretrain.queue_size": self.pretrain.queue_size,
             "pretrain.base_lr": self.pretrain.base_lr,
+            "pretrain.momentum": self.pretrain.momentum,
+            "pretrain.weight_decay": self.pretrain.weight_decay,
+            "pretrain.label_smoothing": self.pretrain.label_smoothing,
             "classifier.base_lr": self.classifier.base_lr,
+            "classifier.momentum": self.classifier.momentum,
+            "classifier.weight_decay": self.classifier.weight_decay,
             "data.num_workers": self.data.num_workers,
+            "data.val_per_class": self.data.val_per_class,
+            "data.few_threshold": self.data.few_threshold,
         }
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key}: must not be negative, got {value}")
+        ratio = self.data.imbalance_ratio
+        if ratio is not None and ratio < 1:
+            raise ConfigError(f"data.imbalance_ratio: must be >= 1 (n_max / n_min), got {ratio}")
+        if self.data.many_threshold < self.data.few_threshold:
+            raise ConfigError(
+                f"data.many_threshold: must be >= data.few_threshold "
+                f"({self.data.few_threshold}), got {self.data.many_threshold}"
+            )
+        if self.pretrain.label_smoothing > 1.0:
+            raise ConfigError(
+                f"pretrain.label_smoothing: must be in [0, 1], got {self.pretrain.label_smoothing}"
+            )
+        milestones = self.classifier.milestones
+        if any(epoch < 0 for epoch in milestones):
+            raise ConfigError(f"classifier.milestones: must not be negative, got {milestones}")
         ema = self.pretrain.encoder_momentum
         if not 0.0 <= ema <= 1.0:
             raise ConfigError(f"pretrain.encoder_momentum: must be in [0, 1], got {ema}")
@@ -154,6 +187,8 @@ class RunConfig:
                 raise ConfigError(f"data.{key}: need [low, high] with 0 < low <= high <= 1")
         if len(self.data.mean) != 3 or len(self.data.std) != 3:
             raise ConfigError("data.mean / data.std: need 3 values (RGB)")
+        if any(value <= 0 for value in self.data.std):
+            raise ConfigError(f"data.std: values must be positive, got {self.data.std}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name: {self.name!r} is not a valid run folder name")
 
@@ -172,6 +207,40 @@ class _Override(typing.NamedTuple):
 def _accepts_str(tp: Any) -> bool:
     is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
     return tp is str or (is_union and str in typing.get_args(tp))
+
+
+def _is_mapping_type(tp: Any) -> bool:
+    """True for a ``dict[...]`` annotation (alone or in a union such as ``dict | None``)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_mapping_type(arg) for arg in typing.get_args(tp))
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _holds_override(value: Any) -> bool:
+    """True when ``value`` is, or is a mapping that holds, a command-line ``_Override``."""
+    if isinstance(value, _Override):
+        return True
+    return isinstance(value, dict) and any(_holds_override(v) for v in value.values())
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``_Override`` in it replaced by its YAML reading."""
+    if isinstance(value, _Override):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A new mapping: ``base`` with ``update``'s keys set, merging mappings under a shared key."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -195,17 +264,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if tp is Any:
-        return value
+        return _plain(value)  # a free-form value: what YAML reads (as inside a mapping)
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict:
+    if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = args if args else (Any, Any)
+        out = {}
+        for sub, item in value.items():
+            if key_type is str and not isinstance(sub, str):
+                raise ConfigError(f"{key}: keys must be strings, got {sub!r}")
+            # A value set by a dotted key (data.extra.x=...) follows the rule of its own type.
+            out[sub] = _coerce(item, value_type, f"{key}.{sub}")
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -216,7 +292,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: number too large, got {value!r}") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -244,6 +326,18 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of sub-keys, got {value!r}")
             _apply(current, value, prefix=f"{full}.")
+        elif _is_mapping_type(hints[key]):
+            # Mapping settings (data.extra) merge: a later mapping or dotted key adds its keys to
+            # what the defaults and the YAML file gave, replacing only the keys it names.
+            value = _coerce(value, hints[key], full)
+            if isinstance(current, dict) and isinstance(value, dict):
+                value = _merge(current, value)
+            setattr(obj, key, value)
+        elif isinstance(value, dict) and _holds_override(value):
+            sub = next(iter(value))  # a dotted key below a setting that has no sub-keys
+            raise ConfigError(
+                f"{full}.{sub}: unknown key ({full} is a single value, not a mapping)"
+            )
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
@@ -276,7 +370,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is None:

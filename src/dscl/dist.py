@@ -1,8 +1,8 @@
 """Process-group helpers that also work with no process group (one process).
 
 Every distributed call of the package goes through this module. With no initialised default
-group each helper behaves as the world of one process: gathers return their input, reductions
-return a copy, the batch shuffle is the identity.
+group each helper behaves as the world of one process: gathers return their input,
+:func:`any_rank` returns its flag, the batch shuffle is the identity.
 
 All gathers require every rank to pass a tensor of the same shape (in particular the same batch
 size). The helpers do not check this on every call (it would cost an extra collective per
@@ -17,6 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dscl.errors import SetupError
+
+# torch.distributed's own errors (store, network, backend); older torch lacks the class
+_DIST_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(dist, "DistError", None),) if cls is not None
+)
 
 
 def is_dist_available_and_initialized() -> bool:
@@ -105,27 +112,37 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """Mean of ``tensor`` over ranks, as a new detached tensor (for logging metrics).
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: the current CUDA device for nccl, the CPU
+    for gloo (and any other backend)."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_max_flag(flag: bool) -> bool:
+    """All-reduce (MAX) of ``flag`` as a 0/1 integer over the default group."""
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one rank.
+
+    A collective: every rank of the default group must call it at the same point (e.g. once per
+    step, so that all ranks stop at the same step when one of them got a signal). With no group
+    it returns ``flag`` itself.
 
     Args:
-        tensor: any shape, same on every rank; integer inputs give a floating result.
+        flag: this rank's condition.
+
+    Returns:
+        The logical OR of ``flag`` over ranks, the same on every rank.
     """
-    result = tensor.detach().clone()
-    if get_world_size() > 1:
-        dist.all_reduce(result, op=dist.ReduceOp.SUM)
-    return result / get_world_size()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Returns rank ``src``'s picklable ``obj`` on every rank; ``obj`` itself with no group."""
     if get_world_size() == 1:
-        return obj
-    if not 0 <= src < get_world_size():
-        raise ValueError(f"src must be a rank in [0, {get_world_size()}), got {src}")
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
+        return bool(flag)
+    return _all_reduce_max_flag(flag)
 
 
 @torch.no_grad()
@@ -189,7 +206,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+        raise SetupError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
@@ -204,6 +221,12 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
 
     Returns:
         ``(rank, world_size, local_rank)``.
+
+    Raises:
+        SetupError: the environment does not describe a usable group (a malformed or
+            inconsistent RANK / WORLD_SIZE / LOCAL_RANK, no MASTER_ADDR / MASTER_PORT, a
+            LOCAL_RANK with no GPU for nccl) or the group cannot be joined.
+        ValueError: ``backend`` is not a non-empty string (a caller's bug).
     """
     if backend is not None and (not isinstance(backend, str) or not backend):
         raise ValueError(f"backend must be a non-empty string or None, got {backend!r}")
@@ -211,20 +234,46 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1:
-        raise ValueError(f"environment variable WORLD_SIZE must be >= 1, got {world_size}")
+        raise SetupError(f"environment variable WORLD_SIZE must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"environment variable RANK must be in [0, {world_size}), got {rank}")
+        raise SetupError(f"environment variable RANK must be in [0, {world_size}), got {rank}")
     if local_rank < 0:
-        raise ValueError(f"environment variable LOCAL_RANK must be >= 0, got {local_rank}")
+        raise SetupError(f"environment variable LOCAL_RANK must be >= 0, got {local_rank}")
     if world_size == 1 or is_dist_available_and_initialized():
         return rank, world_size, local_rank
     if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world_size} but torch.distributed is not available")
+        raise SetupError(f"WORLD_SIZE={world_size} but torch.distributed is not available")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise SetupError(
+            f"WORLD_SIZE={world_size} but environment variable {' and '.join(missing)} is not "
+            "set; start the processes with torchrun"
+        )
+    port = _env_int("MASTER_PORT", 0)
+    if not 0 < port < 65536:
+        raise SetupError(
+            f"environment variable MASTER_PORT must be a port in [1, 65535], got {port}"
+        )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise SetupError(
+                f"LOCAL_RANK={local_rank} needs GPU {local_rank} for nccl but {gpus} GPU(s) are "
+                "visible; start at most one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    try:
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size
+        )
+    except _DIST_ERRORS as err:  # rendezvous failed: address, port, or the other ranks
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SetupError(
+            f"cannot join the process group as rank {rank} of {world_size} (MASTER_ADDR="
+            f"{os.environ['MASTER_ADDR']}, MASTER_PORT={os.environ['MASTER_PORT']}): {first_line}"
+        ) from err
     return rank, world_size, local_rank
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-from dscl.checkpoint import CheckpointError, check_kind, load_checkpoint, save_checkpoint
-from dscl.data import DataError
+from dscl.checkpoint import read_backbone, read_classifier, save_checkpoint
 from dscl.data.views import eval_transform
-from dscl.models import build_backbone
+from dscl.errors import DataError, UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -36,11 +35,9 @@ def predict_paths(
     """Yield (file, [(class name, probability), ...]) with the ``topk`` most likely classes."""
     from PIL import Image, UnidentifiedImageError
 
-    from dscl.engine.classifier import build_classifier_from_checkpoint
-
     if topk <= 0:
-        raise ValueError(f"topk: must be positive, got {topk}")
-    model, state = build_classifier_from_checkpoint(checkpoint)
+        raise UserError(f"--topk: must be positive, got {topk}")
+    model, state = read_classifier(checkpoint)
     model.eval()
     data_cfg = state["config"]["data"]
     transform = eval_transform(
@@ -68,18 +65,5 @@ def predict_paths(
 def export_backbone(checkpoint: Path, output: Path) -> Path:
     """Write the backbone's weights as a plain state_dict that loads into the torchvision model of
     the same name (the classifier layer ``fc`` excepted)."""
-    state = load_checkpoint(checkpoint)
-    check_kind(state, checkpoint, "pretrain", "classifier")
-    name = state["config"]["model"]["backbone"]
-    if state["kind"] == "pretrain":
-        weights = state["backbone"]
-    else:
-        prefix = "backbone."
-        weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    backbone = build_backbone(name)
-    try:
-        backbone.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint}: backbone weights do not fit {name}: {err}") from None
-    save_checkpoint(backbone.export_state_dict(), output)
+    save_checkpoint(read_backbone(checkpoint).export_state_dict(), output)
     return output

@@ -97,8 +97,12 @@ def run(rank: int, port: int, out_dir: str) -> None:
         shuffled=shuffled,
         unshuffle_index=unshuffle_index,
         unshuffled=dist.batch_unshuffle(shuffled * 10, unshuffle_index),
-        mean=dist.all_reduce_mean(torch.tensor([float(rank), 2.0 * rank])),
-        broadcast=dist.broadcast_object({"from": rank}, src=1),
+        any_rank={
+            "none": dist.any_rank(False),
+            "all": dist.any_rank(True),
+            "rank0": dist.any_rank(rank == 0),
+            "rank1": dist.any_rank(rank == 1),
+        },
     )
     dist.barrier()
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")

@@ -1,4 +1,4 @@
-"""Slow per-anchor references written straight from DESIGN.md §2, and a random problem maker.
+"""Slow per-anchor loss references straight from docs/DESIGN.md §2.6-§2.8; a random problem maker.
 
 Nothing here is vectorised or shared with ``dscl.losses``: every contrast set is built as a
 Python list and every softmax is summed with ``math.fsum`` in float64.

@@ -1,78 +1,46 @@
 """Stage 2: a class-balanced linear classifier on the frozen stage-1 backbone, and evaluation.
 
-The backbone's weights never change here. Its batch-norm statistics are re-estimated on the
-balanced stream in ``bn_mode="train"`` (as the authors' code does) and kept in ``"eval"``.
-The best epoch is chosen on the validation split, never on the test set.
+The step is :class:`dscl.methods.LinearProbe` run by the shared loop. The best epoch is chosen
+on the validation split, never on the test set.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dscl import dist
-from dscl.checkpoint import (
-    check_kind,
-    check_matches,
-    git_commit,
-    load_checkpoint,
-    save_checkpoint,
-)
-from dscl.config import RunConfig, config_to_dict
+from dscl.checkpoint import git_commit, read_classifier, save_checkpoint, write_json
+from dscl.config import config_to_dict
 from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics, predict_logits
-from dscl.engine.feed import CLASSIFY, TrainFeed, eval_batches
-from dscl.engine.pretrain import StageContext
+from dscl.engine.feed import TrainFeed, eval_batches
+from dscl.engine.loop import Optimization, run_epoch
+from dscl.engine.pretrain import StageContext, memory_format, per_process_batch, sgd
+from dscl.errors import CheckpointError
+from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
 
 LAST, BEST = "last.pt", "best.pt"
 
 
-def read_stage1(path: Path, cfg: RunConfig) -> dict[str, Any]:
-    """Load a stage-1 checkpoint and check that it fits ``cfg`` (backbone and method)."""
-    state = load_checkpoint(path, map_location="cpu")
-    check_kind(state, path, "pretrain")
-    check_matches(state, path, {"model.backbone": cfg.model.backbone, "method": cfg.method})
-    return state
-
-
-def build_classifier_from_checkpoint(path: Path, expect: dict[str, Any] | None = None):
-    """Load a stage-2 checkpoint (``last.pt``/``best.pt``) into a :class:`Classifier`."""
-    state = load_checkpoint(path, map_location="cpu")
-    check_kind(state, path, "classifier")
-    if expect:
-        check_matches(state, path, expect)
-    cfg = state["config"]
-    model = Classifier(build_backbone(cfg["model"]["backbone"]), state["num_classes"])
-    model.load_state_dict(state["model"])
-    return model, state
-
-
 def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
-    """Train the linear classifier on the backbone of ``stage1`` (from :func:`read_stage1`);
-    return the path of the best checkpoint (on validation)."""
+    """Train the linear classifier on the backbone of ``stage1`` (from
+    :func:`dscl.checkpoint.read_stage1`); return the path of the best checkpoint (on validation)."""
     cfg, c, device = ctx.cfg, ctx.cfg.classifier, ctx.device
-    world = dist.get_world_size()
-    if c.batch_size % world:
-        raise ValueError(f"classifier.batch_size: {c.batch_size} is not divisible by {world}")
+    batch_size = per_process_batch(c.batch_size, "classifier.batch_size")
     backbone = build_backbone(cfg.model.backbone)
     backbone.load_state_dict(stage1["backbone"])
-    model = Classifier(backbone, ctx.splits.num_classes).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    for param in model.backbone.parameters():
-        param.requires_grad_(False)
+    probe = LinearProbe(backbone, ctx.splits.num_classes, c.bn_mode)
+    fmt = memory_format(cfg)
+    probe.model.to(device, memory_format=fmt)
     feed = TrainFeed(
         ctx.splits.train,
-        kind=CLASSIFY,
+        kind=probe.feed_kind,
         view_cfg=ctx.view_cfg,
-        batch_size=c.batch_size // world,
+        batch_size=batch_size,
         balanced=c.balanced,
         seed=cfg.seed + 1,
         device=device,
@@ -87,47 +55,37 @@ def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
         num_workers=cfg.data.num_workers,
         in_memory=cfg.data.batched_views,
     )
-    head = runtime.wrap_ddp(model.fc, device)
-    optimizer = torch.optim.SGD(
-        model.fc.parameters(), lr=0.0, momentum=c.momentum, weight_decay=c.weight_decay
-    )
+    probe.wrap(lambda module: runtime.wrap_ddp(module, device))
+    optimizer = sgd(probe, c.momentum, c.weight_decay)
     steps = feed.steps_per_epoch
     lr_at = runtime.multistep(
         c.base_lr * c.batch_size / 2048, c.epochs, steps, c.milestones, c.gamma
     )
+    scaler = runtime.grad_scaler(device, ctx.amp)
+    opt = Optimization(optimizer, lr_at, scaler, device, ctx.amp, fmt)
     best_top1, best_path, last_path = -1.0, ctx.run_dir / BEST, ctx.run_dir / LAST
     for epoch in range(c.epochs):
-        model.fc.train()
-        model.backbone.train(c.bn_mode == "train")
-        bar = ctx.logger.bar(feed.epoch(epoch), steps, f"stage 2 epoch {epoch + 1}/{c.epochs}")
-        for i, batch in enumerate(bar):
-            step = epoch * steps + i
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_at[step])
-            images = batch.inputs["image"].contiguous(memory_format=memory_format)
-            with runtime.autocast(device, ctx.amp):
-                with torch.no_grad():  # frozen: BN statistics may still update in train mode
-                    features = model.features(images)  # (B, C)
-                logits = head(features.float())
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            runtime.check_finite(loss, step, {"loss": loss.item()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            values = {"loss": loss.item(), "lr": float(lr_at[step])}
-            last = i == steps - 1
-            if step % cfg.log_every == 0 or last:
-                ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | values)
-            ctx.logger.postfix(i + 1, steps, values, force=step % cfg.log_every == 0 or last)
+        run_epoch(
+            probe,
+            feed.epoch(epoch),
+            opt,
+            epoch=epoch,
+            steps_per_epoch=steps,
+            logger=ctx.logger,
+            stage="classifier",
+            desc=f"stage 2 epoch {epoch + 1}/{c.epochs}",
+            log_every=cfg.log_every,
+        )
         final = epoch == c.epochs - 1
         if (epoch + 1) % c.eval_every and not final:
             continue
-        metrics = evaluate_model(ctx, model, val_batches)
+        metrics = evaluate_model(ctx, probe.model, val_batches)
         val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
+        step = (epoch + 1) * steps - 1
         ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | val)
         ctx.logger.info(f"stage 2 epoch {epoch + 1}: validation top-1 {metrics['top1']:.2f}")
         if dist.is_main_process():
-            state = classifier_state(ctx, model, epoch, metrics)
+            state = classifier_state(ctx, probe.model, epoch, metrics)
             save_checkpoint(state, last_path)
             if metrics["top1"] > best_top1:
                 best_top1 = metrics["top1"]
@@ -163,23 +121,18 @@ def evaluate_model(ctx: StageContext, model: nn.Module, batches) -> dict[str, An
     )
 
 
-def read_classifier(path: Path, cfg: RunConfig) -> tuple[Classifier, dict[str, Any]]:
-    """Load a stage-2 checkpoint and check that it fits ``cfg`` (backbone and method)."""
-    expect = {"model.backbone": cfg.model.backbone, "method": cfg.method}
-    return build_classifier_from_checkpoint(path, expect)
-
-
 def evaluate_checkpoint(
     ctx: StageContext, path: Path, split: str = "test", loaded=None
 ) -> dict[str, Any]:
     """Evaluate a stage-2 checkpoint on ``split`` and write ``metrics.json`` (rank 0).
 
-    ``loaded`` is what :func:`read_classifier` returned for ``path``, if it was read already.
+    ``loaded`` is what :func:`dscl.checkpoint.read_classifier` returned for ``path``, if it was
+    read already.
     """
     cfg = ctx.cfg
     model, state = loaded if loaded is not None else read_classifier(path, cfg)
     if state["num_classes"] != ctx.splits.num_classes:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint has {state['num_classes']} classes, the data has "
             f"{ctx.splits.num_classes}"
         )
@@ -204,9 +157,3 @@ def evaluate_checkpoint(
     if dist.is_main_process():
         write_json(ctx.run_dir / "metrics.json", metrics)
     return metrics
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)

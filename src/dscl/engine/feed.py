@@ -28,9 +28,7 @@ from dscl.data.views import (
     classifier_train_transform,
     eval_transform,
 )
-
-VIEWS = "views"  # query view, key view, patches and boxes (contrastive stage 1)
-CLASSIFY = "classify"  # one augmented image (cross-entropy training, stage 2)
+from dscl.methods.base import CLASSIFY, VIEWS
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,11 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "fp16":
         return torch.float16
     return torch.bfloat16 if device.type == "cuda" else None
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (against underflow); a no-op for bf16 and full precision."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -151,8 +155,13 @@ class RunLogger:
         if self.active:
             print(text, file=sys.stderr, flush=True)
 
-    def bar(self, iterable: Iterable, total: int, desc: str) -> Iterator:
-        """A tqdm bar on a terminal; plain lines otherwise (set with :meth:`postfix`)."""
+    def bar(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Iterator:
+        """A tqdm bar on a terminal; plain lines otherwise (written by :meth:`postfix`).
+
+        ``total`` counts the items of ``iterable``; ``initial`` items of the epoch were done
+        before (a resumed epoch), so the display counts from ``initial`` to ``initial + total``.
+        """
+        self._bar = None
         self._plain = None
         if not self.progress:
             yield from iterable
@@ -160,25 +169,34 @@ class RunLogger:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
+            bar = tqdm(
+                iterable,
+                total=initial + total,
+                initial=initial,
+                desc=desc,
+                dynamic_ncols=True,
+                leave=True,
+            )
             self._bar = bar
             yield from bar
             bar.close()
             self._bar = None
         else:
-            self._bar = None
-            self._plain = (desc, total, time.perf_counter())
-            yield from iterable
+            self._plain = [desc, initial + total, initial]
+            for item in iterable:
+                self._plain[2] += 1
+                yield item
 
-    def postfix(self, step_in_epoch: int, total: int, values: dict[str, float], force=False):
+    def postfix(self, values: dict[str, float]) -> None:
+        """Show ``values`` beside the bar (a terminal) or as one plain line (a log file)."""
         if not self.progress:
             return
         text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
         if getattr(self, "_bar", None) is not None:
-            self._bar.set_postfix_str(text, refresh=False)
-        elif getattr(self, "_plain", None) is not None and force:
-            desc = self._plain[0]
-            print(f"{desc} [{step_in_epoch}/{total}] {text}", file=sys.stderr, flush=True)
+            self._bar.set_postfix_str(text)
+        elif getattr(self, "_plain", None) is not None:
+            desc, total, done = self._plain
+            print(f"{desc} [{done}/{total}] {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.active:

@@ -1,8 +1,8 @@
 """Decoupled supervised contrastive loss (DSCL) and the supervised contrastive baseline (SupCon).
 
 Both losses share one contrast set per anchor and differ only in how the positives are weighted
-(Xuan & Zhang, AAAI 2024, §3.2 and DESIGN.md §2). This module imports nothing from the rest of
-``dscl``: tensors in, scalar out.
+(Xuan & Zhang, AAAI 2024, §3.2; docs/DESIGN.md §2.6 and §2.7). This module imports nothing from
+the rest of ``dscl``: tensors in, scalar out.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _check_contrast_inputs(
 
 
 class DSCLLoss(nn.Module):
-    """Decoupled supervised contrastive loss (paper Eq. 6 in the β form of DESIGN.md §2).
+    """Decoupled supervised contrastive loss (paper Eq. 6 in the β form of docs/DESIGN.md §2.6).
 
     For anchor q_i with contrast set A(i) = {q_j : j != i} ∪ {k_j : all j} ∪ {valid queue rows},
     p_i(a) = exp(q_i·a/τ) / Σ_{b∈A(i)} exp(q_i·b/τ) and P_i = members of A(i) with label y_i

@@ -1,4 +1,4 @@
-"""Patch-based self distillation loss (PBSD, Xuan & Zhang, AAAI 2024, §3.3; DESIGN.md §2).
+"""Patch-based self distillation loss (PBSD, Xuan & Zhang, AAAI 2024, §3.3; docs/DESIGN.md §2.8).
 
 Imports nothing from the rest of ``dscl`` but the argument checks of its sibling loss module.
 """

@@ -3,7 +3,7 @@
 Every backbone is an ``nn.Module`` whose ``forward(x)`` maps images ``(N, C_in, H, W)`` to its
 LAST feature map ``F`` of shape ``(N, out_channels, H / stride, W / stride)``, without pooling,
 so that the contrastive model can both pool it (q = g(pool(F(x_q)))) and RoIAlign it at the
-patch boxes (the PBSD teacher, DESIGN §2). Each backbone carries two attributes, ``out_channels``
+patch boxes (the PBSD teacher, docs/DESIGN.md §2.5). Each backbone carries ``out_channels``
 (C) and ``stride`` (s), and a method ``export_state_dict()`` whose keys follow the reference
 implementation (torchvision's names for torchvision models, so the weights load into
 ``torchvision.models.<name>()`` with only ``fc.*`` missing).

@@ -1,4 +1,4 @@
-"""Query/momentum encoders and the stage-1 forward pass returning embeddings (DESIGN §2).
+"""Query/momentum encoders and the stage-1 forward pass returning embeddings (docs/DESIGN.md §2.5).
 
 Notation: B batch, C feature channels, D embedding size, L patches per image, s backbone stride.
 

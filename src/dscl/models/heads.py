@@ -13,7 +13,7 @@ def _check_positive(name: str, value: object) -> None:
 
 
 class ProjectionHead(nn.Module):
-    """Projection MLP g: Linear(C, H) - ReLU - Linear(H, D) (DESIGN §2, H = C by default).
+    """Projection MLP g: Linear(C, H) - ReLU - Linear(H, D) (docs/DESIGN.md §2.2, H = C by default).
 
     The output is NOT normalised; the encoder normalises it (q = normalize(g(pool(F(x))))).
 

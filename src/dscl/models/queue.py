@@ -1,4 +1,4 @@
-"""First-in first-out queue of (key embedding, label) pairs with a validity mask (DESIGN §2).
+"""FIFO queue of (key embedding, label) pairs with a validity mask (docs/DESIGN.md §2.3).
 
 The authors' code starts the queue with random features and random labels; here entries that
 were never written are marked invalid (``valid`` False, features zero) and the losses exclude

@@ -1,0 +1,76 @@
+"""What every training method is: an object that owns its model, turns a batch into a loss and
+does its own work after each optimizer step.
+
+The training loop (:func:`dscl.engine.loop.run_epoch`) knows nothing about any method: it sets
+the learning rate, calls :meth:`Method.step` under autocast, back-propagates
+:attr:`StepOutput.loss`, steps the optimizer and then calls :meth:`Method.after_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+VIEWS = "views"  # batches hold "query", "key", "patches", "boxes" (contrastive stage 1)
+CLASSIFY = "classify"  # batches hold one augmented "image" (cross-entropy, stage 2)
+
+
+@dataclass
+class StepOutput:
+    """The result of one training step's forward pass.
+
+    Attributes:
+        loss: scalar to minimise (its graph reaches the trained parameters).
+        logs: detached scalar tensors to log besides ``loss`` (e.g. the loss's terms). They are
+            read only at the logging cadence, so a step never waits for the device.
+    """
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of a training method.
+
+    A subclass sets :attr:`feed_kind` (which inputs its batches need), builds :attr:`model` (every
+    module whose state a checkpoint keeps) and implements :meth:`step`. The forward pass goes
+    through :attr:`net`, which is :attr:`model` or, under several processes, its DDP wrapper.
+
+    Args:
+        model: the modules this method trains and checkpoints.
+    """
+
+    feed_kind: str = CLASSIFY
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.net: nn.Module = model
+
+    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        """Route the forward pass through ``wrapper(model)`` (DistributedDataParallel)."""
+        self.net = wrapper(self.model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def start_training(self) -> None:
+        """Called once before the first step of a fresh (not resumed) run."""
+
+    def train(self) -> None:
+        """Set the train/eval flags of the model's modules for a training epoch."""
+        self.model.train()
+
+    def step(self, batch: Any) -> StepOutput:
+        """Forward pass and loss of one batch (``batch.inputs`` dict, ``batch.labels`` (B,))."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Work after the optimizer step (momentum-encoder update, enqueueing keys, ...)."""
+
+    def backbone(self) -> nn.Module:
+        """The backbone whose weights stage 2 keeps and ``dscl export`` writes."""
+        return self.model.backbone

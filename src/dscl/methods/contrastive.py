@@ -1,0 +1,107 @@
+"""Contrastive stage 1: ``supcon`` and ``dscl``, each with an optional PBSD term (``+pbsd``).
+
+L = L_con + λ·L_pbsd (docs/DESIGN.md §2), where L_con is :class:`~dscl.losses.DSCLLoss` or
+:class:`~dscl.losses.SupConLoss` over the queries and keys gathered from every process. After the
+optimizer step the momentum encoder follows by EMA and the gathered keys enter the queue, so the
+queue never holds the keys of the batch being scored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dscl import dist
+from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss
+from dscl.methods.base import VIEWS, Method, StepOutput
+from dscl.methods.registry import register_method
+from dscl.models import ContrastiveModel, build_backbone
+
+
+class Contrastive(Method):
+    """Query encoder, momentum encoder and queue trained with a contrastive loss (+ PBSD).
+
+    Each process computes the contrastive loss over the whole gathered batch; gathered queries
+    carry gradient back to their own process (summed over processes), and DDP's averaging of
+    parameter gradients then gives exactly the one-process gradient. PBSD is per sample and stays
+    local.
+
+    Args:
+        model: the :class:`~dscl.models.ContrastiveModel`.
+        contrast: the contrastive loss (``DSCLLoss`` or ``SupConLoss``).
+        pbsd: the PBSD loss, or None for a method without it.
+        pbsd_weight: λ, the weight of the PBSD term.
+        encoder_momentum: m of the key encoder's EMA, θ_m ← m·θ_m + (1 − m)·θ_q.
+    """
+
+    feed_kind = VIEWS
+
+    def __init__(
+        self,
+        model: ContrastiveModel,
+        contrast: nn.Module,
+        pbsd: nn.Module | None,
+        pbsd_weight: float,
+        encoder_momentum: float,
+    ) -> None:
+        super().__init__(model)
+        self.contrast, self.pbsd = contrast, pbsd
+        self.pbsd_weight, self.encoder_momentum = pbsd_weight, encoder_momentum
+        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # for the queue, after step
+
+    def start_training(self) -> None:
+        self.model.init_momentum_encoder()
+
+    def step(self, batch) -> StepOutput:
+        # B batch, W processes, D dim, K queue, L patches
+        x = batch.inputs
+        with_patches = self.pbsd is not None
+        out = self.net(
+            x["query"],
+            x["key"],
+            x["patches"] if with_patches else None,
+            x["boxes"] if with_patches else None,
+        )
+        queue = self.model.queue
+        q_all = dist.all_gather_with_grad(out.query)  # (B·W, D)
+        k_all = dist.all_gather(out.key)  # (B·W, D)
+        y_all = dist.all_gather(batch.labels)  # (B·W,)
+        con = self.contrast(q_all, k_all, y_all, queue.features, queue.labels, queue.valid)
+        logs = {"loss_con": con.detach()}
+        loss = con
+        if with_patches:
+            pbsd = self.pbsd(out.teacher, out.student, out.key, queue.features, queue.valid)
+            logs["loss_pbsd"] = pbsd.detach()
+            loss = loss + self.pbsd_weight * pbsd
+        self._keys = (k_all, y_all)
+        return StepOutput(loss, logs)
+
+    def after_step(self) -> None:
+        self.model.update_momentum_encoder(self.encoder_momentum)
+        keys, labels = self._keys
+        self.model.queue.enqueue(keys.detach().float(), labels)
+        self._keys = None
+
+    def backbone(self) -> nn.Module:
+        return self.model.query_encoder.backbone
+
+
+def _builder(decoupled: bool, with_pbsd: bool):
+    def build(cfg, num_classes: int) -> Contrastive:
+        p = cfg.pretrain
+        backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
+        model = ContrastiveModel(backbone, embed_dim=cfg.model.embed_dim, queue_size=p.queue_size)
+        contrast = DSCLLoss(p.temperature, p.beta) if decoupled else SupConLoss(p.temperature)
+        pbsd = PBSDLoss(p.temperature) if with_pbsd else None
+        return Contrastive(model, contrast, pbsd, p.pbsd_weight, p.encoder_momentum)
+
+    return build
+
+
+for _name, _decoupled, _with_pbsd in (
+    ("supcon", False, False),
+    ("dscl", True, False),
+    ("supcon+pbsd", False, True),
+    ("dscl+pbsd", True, True),
+):
+    register_method(_name)(_builder(_decoupled, _with_pbsd))
