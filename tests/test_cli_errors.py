@@ -228,7 +228,8 @@ def test_config_options_and_overrides_interleave(capsys):
 )
 def test_every_override_command_accepts_interleaving(ordered, mixed):
     parser = cli.build_parser()
-    ordered_args, mixed_args = parser.parse_args(ordered), parser.parse_args(mixed)
+    parse = cli._normalise_resume  # what main does first: a bare --resume becomes --resume=yes
+    ordered_args, mixed_args = parser.parse_args(parse(ordered)), parser.parse_args(parse(mixed))
     assert vars(mixed_args) == vars(ordered_args)
     assert cli.resolve_config(mixed_args) == cli.resolve_config(ordered_args)
 

@@ -8,7 +8,9 @@ import functools
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,7 +44,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], None]) -> Path:
+def atomic_write(
+    path: str | Path,
+    content: bytes | str | Callable[[BinaryIO], None],
+    *,
+    verify: Callable[[Path], None] | None = None,
+    keep_previous: bool = False,
+) -> Path:
     """Write a file atomically: a temporary file in the same folder, fsync, then a rename.
 
     A crash or a full disk mid-write leaves the previous file intact and no temporary behind.
@@ -50,6 +58,10 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], N
     Args:
         path: the file to (re)place; its folder is created if needed.
         content: bytes, text (written as UTF-8), or a function that writes to a binary handle.
+        verify: called on the written temporary file before it replaces ``path``; raises if the
+            file cannot be read back.
+        keep_previous: move the file being replaced to :func:`previous_path` first, so an older
+            good copy survives whatever happens to the new one.
 
     Returns:
         ``path``.
@@ -65,7 +77,11 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], N
                 handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             handle.flush()
             os.fsync(handle.fileno())
+        if verify is not None:
+            verify(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,14 +89,40 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], N
     return path
 
 
+def previous_path(path: str | Path) -> Path:
+    """Where the file that ``path`` replaced is kept: ``pretrain.pt`` -> ``pretrain.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def verify_readable(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a whole torch file: every member of its zip
+    archive is read back and its CRC checked (a truncated or corrupted write fails)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: written checkpoint cannot be read back ({err})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: written checkpoint is corrupt (member {bad})")
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically."""
     return atomic_write(path, json.dumps(payload, indent=1, default=str))
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda handle: torch.save(state, handle))
+def save_checkpoint(
+    state: dict[str, Any], path: str | Path, *, keep_previous: bool = False
+) -> None:
+    """Write ``state`` to ``path`` atomically (see :func:`atomic_write`), checked readable before
+    it replaces the old file; with ``keep_previous`` the old file is kept as a fallback."""
+    atomic_write(
+        path,
+        lambda handle: torch.save(state, handle),
+        verify=verify_readable,
+        keep_previous=keep_previous,
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -147,10 +189,25 @@ def config_values(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def read_checkpoint(
-    path: str | Path, kinds: tuple[str, ...], expect: dict[str, Any] | None = None
+    path: str | Path,
+    kinds: tuple[str, ...],
+    expect: dict[str, Any] | None = None,
+    *,
+    fallback: bool = False,
 ) -> dict[str, Any]:
-    """Load ``path`` (on the CPU), check its kind and that its config has ``expect``'s values."""
-    state = load_checkpoint(path)
+    """Load ``path`` (on the CPU), check its kind and that its config has ``expect``'s values.
+
+    With ``fallback``, a ``path`` that cannot be read is reported on stderr and the previous
+    checkpoint (:func:`previous_path`) is used instead, if there is one.
+    """
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        previous = previous_path(path)
+        if not (fallback and previous.is_file()):
+            raise
+        print(f"dscl: warning: {err}; using the previous checkpoint {previous}", file=sys.stderr)
+        path, state = previous, load_checkpoint(previous)
     check_kind(state, path, *kinds)
     if expect:
         check_matches(state, path, expect)
@@ -160,7 +217,7 @@ def read_checkpoint(
 def read_stage1(path: str | Path, cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     """A stage-1 checkpoint for stage 2 on its backbone, or (``resume``) to continue it."""
     keys = RESUME_KEYS if resume else STAGE2_KEYS
-    return read_checkpoint(path, ("pretrain",), config_values(cfg, keys))
+    return read_checkpoint(path, ("pretrain",), config_values(cfg, keys), fallback=resume)
 
 
 def read_classifier(path: str | Path, cfg: Any | None = None):

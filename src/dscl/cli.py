@@ -7,9 +7,11 @@ with code 2, checked before any training starts. ``DSCL_DEBUG=1`` shows the trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from dscl import __version__
@@ -25,6 +27,8 @@ RUN_FILES = (
     "report.html",
     "config.yaml",
     "data_summary.json",
+    "pretrain.prev.pt",
+    "last.prev.pt",
 )
 
 
@@ -62,6 +66,34 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        choices=("yes", "auto"),
+        help="--resume: continue the interrupted stage of this run folder; --resume auto: the "
+        "same when the folder holds an unfinished run of this config, a fresh run when it holds "
+        "none (for schedulers that resubmit one command line)",
+    )
+
+
+def _normalise_resume(argv: list[str]) -> list[str]:
+    """``--resume auto`` -> ``--resume=auto``; a bare ``--resume`` -> ``--resume=yes`` (so an
+    override after it is never taken as its value)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto":
+            out.append("--resume=auto")
+            skip = True
+        elif arg == "--resume":
+            out.append("--resume=yes")
+        else:
+            out.append(arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dscl",
@@ -78,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_config_args(p)
         p.add_argument("--overwrite", action="store_true", help="replace a finished run")
-        p.add_argument("--resume", action="store_true", help="continue from pretrain.pt")
+        _add_resume_arg(p)
     p = sub.add_parser("classify", help="stage 2: balanced linear classifier on a stage-1 model")
     _add_config_args(p)
+    _add_resume_arg(p)
     p.add_argument("--pretrained", help="stage-1 checkpoint (default: <run>/pretrain.pt)")
     p = sub.add_parser("evaluate", help="evaluate a stage-2 checkpoint and write metrics.json")
     _add_config_args(p)
@@ -108,11 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     it); a non-finite loss gives 1, Ctrl-C 130. Any other exception is a bug and propagates
     with its traceback. The process group, if a command made one, is destroyed at the end.
     """
-    from dscl.errors import UserError
+    from dscl.errors import EXIT_INTERRUPTED, TrainingInterrupted, UserError
 
+    argv = _normalise_resume(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except TrainingInterrupted as stop:
+        again = [a for a in argv if not a.startswith("--resume")]
+        print(
+            f"dscl: {stop}; checkpoint {stop.checkpoint}. Resume with: dscl "
+            f"{' '.join(again)} --resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     except UserError as err:
         if os.environ.get("DSCL_DEBUG"):
             raise
@@ -237,41 +279,135 @@ def _write_config(cfg, run_dir: Path) -> None:
         atomic_write(run_dir / "config.yaml", config_to_yaml(cfg))
 
 
+@dataclass
+class ResumePlan:
+    """What an interrupted run folder needs, read (and checked) before any work starts."""
+
+    stage1_state: dict | None = None  # an unfinished pretrain.pt to continue
+    stage1_done: dict | None = None  # a finished pretrain.pt: stage 1 is skipped
+    stage2_state: dict | None = None  # an unfinished last.pt to continue
+    stage2_done: bool = False  # stage 2 finished (last.pt says so): only evaluation is left
+    finished: bool = False  # nothing left to do
+
+
+def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: bool) -> ResumePlan:
+    """Read a run folder for ``--resume`` (``mode`` "yes") or ``--resume auto``.
+
+    With ``auto`` the folder's config.yaml must equal ``cfg`` except for settings that do not
+    change results (``dscl.config.RUNTIME_KEYS``); with either mode each checkpoint must fit
+    ``cfg`` on the settings its state depends on. A newest checkpoint that cannot be read is
+    reported and the previous one (``*.prev.pt``) used.
+    """
+    from dscl.checkpoint import (
+        STAGE2_KEYS,
+        config_values,
+        previous_path,
+        read_checkpoint,
+        read_stage1,
+    )
+    from dscl.config import config_to_dict, first_difference, load_yaml
+
+    plan = ResumePlan()
+    if mode is None:
+        return plan
+    saved_cfg = run_dir / "config.yaml"
+    if mode == "auto" and saved_cfg.is_file():
+        difference = first_difference(load_yaml(saved_cfg), config_to_dict(cfg))
+        if difference:
+            raise RunFolderError(
+                f"{run_dir}: holds a run of another config ({difference}); use --overwrite to "
+                "replace it or --name for a new run"
+            )
+    pretrain_pt, last_pt = run_dir / "pretrain.pt", run_dir / "last.pt"
+    if stage1 and (pretrain_pt.is_file() or previous_path(pretrain_pt).is_file()):
+        state = read_stage1(pretrain_pt, cfg, resume=True)
+        if state.get("finished"):
+            plan.stage1_done = state
+        else:
+            plan.stage1_state = state
+    if (
+        stage2
+        and plan.stage1_state is None
+        and (last_pt.is_file() or previous_path(last_pt).is_file())
+    ):
+        expect = config_values(cfg, STAGE2_KEYS)
+        state = read_checkpoint(last_pt, ("classifier",), expect, fallback=True)
+        if state.get("finished"):
+            plan.stage2_done = True
+        elif "next_batch" in state:  # a training state (older last.pt files hold none)
+            plan.stage2_state = state
+    if stage2:
+        plan.finished = plan.stage2_done and (run_dir / "metrics.json").is_file()
+    else:
+        plan.finished = plan.stage1_done is not None
+    return plan
+
+
 def cmd_pretrain(args, *, then_classify: bool = False) -> int:
     cfg = resolve_config(args)
     run_dir = Path(cfg.output_dir) / cfg.name
     from dscl.checkpoint import read_stage1
-    from dscl.engine.pretrain import PRETRAIN_CHECKPOINT, pretrain
+    from dscl.engine.pretrain import pretrain
 
-    # a checkpoint that does not fit the config stops here, before any work
-    resume_state = None
-    if args.resume and (run_dir / PRETRAIN_CHECKPOINT).is_file():
-        resume_state = read_stage1(run_dir / PRETRAIN_CHECKPOINT, cfg, resume=True)
-    prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume)
+    # checkpoints that do not fit the config stop here, before any work
+    plan = plan_resume(cfg, run_dir, args.resume, stage1=True, stage2=then_classify)
+    if plan.finished:
+        print(f"{run_dir}: the run is finished; nothing to resume", file=sys.stderr)
+        return 0
+    prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume is not None)
     ctx = make_context(cfg, run_dir)
     _write_config(cfg, run_dir)
-    stage1 = pretrain(ctx, resume_state)
-    ctx.logger.info(f"stage 1 checkpoint: {stage1}")
-    if then_classify:
-        _classify_evaluate(ctx, read_stage1(stage1, cfg))
+    with _stop_signals(ctx):
+        if plan.stage1_done is None:
+            stage1 = read_stage1(pretrain(ctx, plan.stage1_state), cfg)
+            ctx.logger.info(f"stage 1 checkpoint: {run_dir / 'pretrain.pt'}")
+        else:
+            stage1 = plan.stage1_done
+            if then_classify:
+                ctx.logger.info("stage 1 is finished; going on with stage 2")
+        code = _classify_evaluate(ctx, stage1, plan) if then_classify else 0
     ctx.logger.close()
-    return 0
+    return code
 
 
-def _classify_evaluate(ctx, stage1: dict) -> None:
+@contextlib.contextmanager
+def _stop_signals(ctx):
+    """SIGTERM/SIGINT stop training at the next step, with a checkpoint (see preemption)."""
+    from dscl.engine.preemption import StopSignals
+
+    with StopSignals() as stop:
+        ctx.stop = stop
+        yield
+
+
+def _classify_evaluate(ctx, stage1: dict, plan: ResumePlan | None = None) -> int:
+    """Stage 2 (unless finished), test evaluation and the report; exit code."""
     from dscl import dist
-    from dscl.engine.classifier import evaluate_checkpoint, train_classifier
+    from dscl.engine.classifier import BEST, evaluate_checkpoint, train_classifier
     from dscl.engine.evaluate import format_metrics_table
 
-    best = train_classifier(ctx, stage1)
+    plan = plan or ResumePlan()
+    if plan.stage2_done:
+        best = ctx.run_dir / BEST
+    else:
+        best = train_classifier(ctx, stage1, plan.stage2_state)
     dist.barrier()
     metrics = evaluate_checkpoint(ctx, best, "test")
-    if dist.is_main_process():
-        from dscl.report import write_report
+    if not dist.is_main_process():
+        return 0
+    print(format_metrics_table(metrics))
+    from dscl.report import write_report
 
-        report = write_report(ctx.run_dir)
-        print(format_metrics_table(metrics))
-        print(f"report: {report}")
+    try:
+        print(f"report: {write_report(ctx.run_dir)}")
+    except Exception as err:  # the trained model and its metrics are safe already
+        print(
+            f"dscl: the report could not be written ({type(err).__name__}: {err}); "
+            f"best.pt and metrics.json are in place. Re-run: dscl report {ctx.run_dir}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -285,11 +421,16 @@ def cmd_classify(args) -> int:
     from dscl.checkpoint import read_stage1
 
     stage1 = read_stage1(path, cfg)  # a checkpoint that does not fit stops before any work
+    plan = plan_resume(cfg, run_dir, args.resume, stage1=False, stage2=True)
+    if plan.finished:
+        print(f"{run_dir}: stage 2 is finished; nothing to resume", file=sys.stderr)
+        return 0
     prepare_run_dir(run_dir, overwrite=False, resume=True)
     ctx = make_context(cfg, run_dir)
-    _classify_evaluate(ctx, stage1)
+    with _stop_signals(ctx):
+        code = _classify_evaluate(ctx, stage1, plan)
     ctx.logger.close()
-    return 0
+    return code
 
 
 def cmd_evaluate(args) -> int:

@@ -75,6 +75,7 @@ class PretrainConfig:
     queue_size: int = 8192  # K
     encoder_momentum: float = 0.999  # EMA of the key encoder
     label_smoothing: float = 0.0  # only for method "ce"
+    save_every_steps: int = 0  # mid-epoch checkpoint every this many steps (0: epoch ends only)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class ClassifierConfig:
     bn_mode: str = "train"  # "train": re-estimate BN statistics; "eval": keep them
     balanced: bool = True  # class-balanced sampling
     eval_every: int = 1  # validate every this many epochs
+    save_every_steps: int = 0  # mid-epoch checkpoint every this many steps (0: epoch ends only)
 
 
 @dataclass
@@ -102,6 +104,9 @@ class RunConfig:
     channels_last: bool = True
     threads: int | None = None  # torch CPU threads; None: all cores / local processes
     log_every: int = 20  # steps between log lines
+    # also write the stage's checkpoint when this many minutes passed since the last one (0: off);
+    # see pretrain.save_every_steps / classifier.save_every_steps for a step cadence
+    save_every_minutes: float = 10.0
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -157,6 +162,9 @@ class RunConfig:
             "classifier.momentum": self.classifier.momentum,
             "classifier.weight_decay": self.classifier.weight_decay,
             "data.num_workers": self.data.num_workers,
+            "save_every_minutes": self.save_every_minutes,
+            "pretrain.save_every_steps": self.pretrain.save_every_steps,
+            "classifier.save_every_steps": self.classifier.save_every_steps,
             "data.val_per_class": self.data.val_per_class,
             "data.few_threshold": self.data.few_threshold,
         }
@@ -246,8 +254,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` checked against the annotation ``tp``; raise ConfigError naming ``key``."""
     if isinstance(value, _Override):
-        # A string setting takes the text as typed (so amp=off stays "off"), except null.
-        keep_text = _accepts_str(tp) and value.parsed is not None
+        # A string setting takes the text as typed (so amp=off stays "off"), except null and,
+        # for a setting that is an integer or a string (data.class_order), an integer.
+        parsed_int = isinstance(value.parsed, int) and not isinstance(value.parsed, bool)
+        int_too = int in typing.get_args(tp)
+        keep_text = _accepts_str(tp) and value.parsed is not None and not (parsed_int and int_too)
         value = value.text if keep_text else value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -327,10 +338,12 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{full}: expected a mapping of sub-keys, got {value!r}")
             _apply(current, value, prefix=f"{full}.")
         elif _is_mapping_type(hints[key]):
-            # Mapping settings (data.extra) merge: a later mapping or dotted key adds its keys to
-            # what the defaults and the YAML file gave, replacing only the keys it names.
+            # Mapping settings (data.extra): a dotted key (data.extra.x=1) adds to what the
+            # defaults and the YAML file gave; a whole mapping typed on the command line
+            # (data.extra={...}) replaces it, so `data.extra={}` clears it.
+            replace = isinstance(value, _Override)
             value = _coerce(value, hints[key], full)
-            if isinstance(current, dict) and isinstance(value, dict):
+            if not replace and isinstance(current, dict) and isinstance(value, dict):
                 value = _merge(current, value)
             setattr(obj, key, value)
         elif isinstance(value, dict) and _holds_override(value):
@@ -419,6 +432,45 @@ def config_from_dict(mapping: dict[str, Any]) -> RunConfig:
     _apply(cfg, mapping)
     cfg.validate()
     return cfg
+
+
+# Settings that change how a run executes but not what it computes: a resumed run may differ from
+# the saved one in these, and `--resume auto` ignores them when comparing configs.
+RUNTIME_KEYS = frozenset(
+    {
+        "name",
+        "output_dir",
+        "device",
+        "threads",
+        "log_every",
+        "progress",
+        "save_every_minutes",
+        "pretrain.save_every_steps",
+        "classifier.save_every_steps",
+        "data.root",
+        "data.download",
+        "data.num_workers",
+    }
+)
+
+
+def first_difference(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
+) -> str | None:
+    """The first dotted key (outside RUNTIME_KEYS) where two config dicts differ, with both
+    values, or None when they agree."""
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in RUNTIME_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and dotted != "data.extra":
+            found = first_difference(a, b, f"{dotted}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{dotted}: saved {a!r}, now {b!r}"
+    return None
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -146,6 +146,18 @@ def any_rank(flag: bool) -> bool:
 
 
 @torch.no_grad()
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in one process.
+
+    For small per-rank states written into a checkpoint by rank 0 (RNG and data-order positions).
+    """
+    if not is_dist_available_and_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
     """Shuffles a batch across ranks for MoCo's shuffled batch norm (key encoder only).
 

@@ -35,3 +35,20 @@ class RunFolderError(UserError):
 class SetupError(UserError):
     """The run cannot start as asked: a device that is not available, a batch size that the
     number of processes does not divide, and similar conditions of the environment."""
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a stage stopped on a signal with a checkpoint; resume it
+
+
+class TrainingInterrupted(Exception):
+    """A training stage stopped on SIGTERM/SIGINT after writing ``checkpoint``; the command
+    exits with :data:`EXIT_INTERRUPTED` and says how to resume. Not an error of anyone's."""
+
+    def __init__(self, signal_name: str, stage: str, checkpoint, step: int) -> None:
+        super().__init__(f"{signal_name} received: stopped {stage} after step {step}")
+        self.signal_name, self.stage, self.checkpoint, self.step = (
+            signal_name,
+            stage,
+            checkpoint,
+            step,
+        )

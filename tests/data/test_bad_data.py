@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -133,43 +134,67 @@ def test_corrupt_image_raises_naming_file(tree):
         dataset[0]
 
 
-def test_skip_bad_images_substitutes_same_class(tree):
-    bad = tree / "train" / "c2" / "0.png"
-    bad.write_bytes(b"not an image at all")
-    keep = tree / "train" / "c2" / "1.png"
-    other = tree / "train" / "c1" / "0.png"
-    dataset = ImageFileDataset(
-        [str(other), str(bad), str(keep)], [1, 2, 2], ["a", "b", "c"], skip_bad_images=True
-    )
-    image, label = dataset[1]
-    assert label == 2 and image.getpixel((0, 0)) == (21, 21, 21)  # the other class-2 image
-    dataset[1]
-    assert dataset.bad_images == [str(bad)]
-    assert dataset.report_bad_images() == f"1 unreadable images skipped: {bad}"
-
-
-def test_skip_fails_when_whole_class_is_bad(tree):
+def test_find_unreadable_reports_index_and_error(tree):
     bad, good = corrupt_tree(tree)
-    dataset = ImageFileDataset(
-        [str(bad), str(tree / "train" / "c0" / "1.png"), str(good)], [0, 0, 1], ["a", "b"],
-        skip_bad_images=True,
-    )  # fmt: skip
-    with pytest.raises(DataError, match="every image of class 0"):
-        dataset[0]
-    assert dataset.scan_bad_images() == [str(bad), str(tree / "train" / "c0" / "1.png")]
+    truncated = tree / "train" / "c0" / "1.png"
+    dataset = ImageFileDataset([str(good), str(bad), str(truncated)], [1, 0, 0], ["a", "b"])
+    found = dataset.find_unreadable(threads=2)
+    assert [i for i, _ in found] == [1, 2]
+    assert found[0][1].startswith("UnidentifiedImageError: cannot identify image file")
+    assert re.fullmatch(r"\w+: .+", found[1][1])  # "ExceptionType: message"
+    kept = dataset.subset([0])
+    assert kept.paths == [str(good)] and kept.find_unreadable() == []
+
+
+def with_test_folder(tree):
+    for c in range(3):
+        for i in range(2):
+            png(tree / "test" / f"c{c}" / f"{i}.png", 100 + c)
+    return tree
 
 
 def test_skip_bad_images_through_build_splits(tree):
-    for c in range(3):
-        png(tree / "test" / f"c{c}" / "0.png")
-    bad, _ = corrupt_tree(tree)
+    with_test_folder(tree)
+    bad_train = tree / "train" / "c2" / "0.png"
+    bad_train.write_bytes(b"not an image at all")
+    bad_test = tree / "test" / "c1" / "1.png"
+    bad_test.write_bytes(bad_test.read_bytes()[:20])
     strict = build_splits("image_folder", str(tree), val_per_class=0)
-    index = strict.train.paths.index(str(bad))
-    with pytest.raises(DataError, match=str(bad)):
-        strict.train[index]
+    assert strict.summary()["bad_images"] == {"train": [], "val": [], "test": []}
+    with pytest.raises(DataError, match=rf"{bad_train}: unreadable image"):
+        strict.train[strict.train.paths.index(str(bad_train))]
+
     lenient = build_splits("image_folder", str(tree), val_per_class=0, skip_bad_images=True)
-    assert lenient.train.scan_bad_images() == sorted(lenient.train.bad_images)
-    assert str(bad) in lenient.train.report_bad_images()
+    assert str(bad_train) not in lenient.train.paths and len(lenient.train) == 5
+    assert str(bad_test) not in lenient.test.paths and len(lenient.test) == 5
+    assert lenient.class_counts == [2, 2, 1] == lenient.train.class_counts
+    assert lenient.test.class_counts == [2, 1, 2]
+    summary = lenient.summary()
+    assert summary["train"]["counts"] == [2, 2, 1] and summary["test"]["total"] == 5
+    bad = summary["bad_images"]
+    assert [entry["file"] for entry in bad["train"]] == [str(bad_train)]
+    assert bad["train"][0]["error"].startswith("UnidentifiedImageError")
+    assert [entry["file"] for entry in bad["test"]] == [str(bad_test)] and bad["val"] == []
+    skipped = [note for note in summary["notes"] if "unreadable" in note]
+    assert len(skipped) == 2
+    assert (
+        skipped[0].startswith("train: 1 unreadable images skipped") and str(bad_train) in skipped[0]
+    )
+    assert (
+        skipped[1].startswith("test: 1 unreadable images skipped") and str(bad_test) in skipped[1]
+    )
+    assert json.loads(json.dumps(summary)) == summary
+    for i in range(len(lenient.train)):  # every remaining image loads
+        assert lenient.train[i][1] == lenient.train.targets[i]
+
+
+def test_skip_fails_when_whole_class_is_bad(tree):
+    with_test_folder(tree)
+    bad, _ = corrupt_tree(tree)  # both images of class 0
+    with pytest.raises(
+        DataError, match=rf"every image of class 0 \(c0\) is unreadable, e.g. {bad}"
+    ):
+        build_splits("image_folder", str(tree), val_per_class=0, skip_bad_images=True)
 
 
 def test_empty_class_folder(tree):

@@ -11,8 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dscl.data import DATASETS, ImageFileDataset, build_splits, exponential_profile
-from dscl.data.arrayfiles import read_cifar
+from dscl.data import (
+    DATASETS,
+    DataError,
+    ImageFileDataset,
+    build_splits,
+    exponential_profile,
+    subsample_longtail,
+)
+from dscl.data.arrayfiles import read_cifar, read_fashion_mnist
 
 FASHION_LT_COUNTS = [1280, 691, 373, 201, 108, 58, 31, 17, 9, 5]
 
@@ -176,6 +183,66 @@ def test_in_memory_item_and_transform(fashion_root):
     assert value.tolist() == [label] * 3
     images = splits.train.tensor_images()
     assert images.dtype == torch.uint8 and images.shape == (len(splits.train), 3, 2, 2)
+
+
+# ---------------------------------------------------------------- class order
+def test_class_order_label_keeps_the_benchmark_subset(fashion_root):
+    full, _ = read_fashion_mnist(str(fashion_root))
+    expected = subsample_longtail(full.targets, FASHION_LT_COUNTS, 0).tolist()
+    default = build_splits("fashion_mnist_lt", str(fashion_root))
+    label = build_splits("fashion_mnist_lt", str(fashion_root), class_order="label")
+    assert default.train.source_indices == label.train.source_indices == expected
+    assert default.val.source_indices == label.val.source_indices
+    summary = label.summary()
+    assert summary["class_order"] == "label" and summary["class_permutation"] == list(range(10))
+
+
+def test_class_order_seed_permutes_which_class_gets_which_count(fashion_root):
+    a = build_splits("fashion_mnist_lt", str(fashion_root), class_order=5)
+    again = build_splits("fashion_mnist_lt", str(fashion_root), class_order=5)
+    other = build_splits("fashion_mnist_lt", str(fashion_root), class_order=6)
+    permutation = [7, 6, 1, 3, 2, 4, 0, 9, 5, 8]  # np.random.default_rng(5).permutation(10)
+    assert a.class_permutation == permutation
+    # Class permutation[r] has the r-th largest count: the same profile, dealt out differently.
+    assert [a.class_counts[c] for c in permutation] == FASHION_LT_COUNTS
+    assert a.class_counts == [31, 373, 108, 201, 58, 9, 691, 1280, 5, 17]
+    assert a.class_counts == a.train.class_counts and len(a.train) == 2773
+    assert a.train.source_indices == again.train.source_indices
+    assert a.val.source_indices == again.val.source_indices
+    assert other.class_permutation != permutation
+    assert sorted(other.class_counts) == sorted(FASHION_LT_COUNTS) != other.class_counts
+    assert not set(a.val.source_indices) & set(a.train.source_indices)
+    assert a.val.class_counts == [20] * 10
+    # The kept images are of their class (pixel value = label).
+    assert a.train.tensor_images()[:, 0, 0, 0].tolist() == a.train.targets
+    summary = a.summary()
+    assert summary["class_order"] == 5 and summary["class_permutation"] == permutation
+    assert summary["shot_groups"]["many"] == sorted(permutation[:5])
+
+
+def test_class_order_for_image_folders_and_synthetic(tmp_path):
+    make_folder_tree(tmp_path, [10, 10, 10])
+    make_folder_tree(tmp_path, [1, 1, 1], "test")
+    splits = build_splits("image_folder", str(tmp_path), n_max=8, imbalance_ratio=4, class_order=3)
+    assert splits.class_permutation == [2, 1, 0]  # np.random.default_rng(3).permutation(3)
+    assert splits.class_counts == [2, 4, 8] and splits.val.class_counts == [8, 6, 2]
+    synthetic = build_splits("synthetic_lt", n_max=9, imbalance_ratio=3, class_order=0,
+                             num_classes=3, image_size=4, test_per_class=1)  # fmt: skip
+    assert synthetic.class_permutation == [2, 0, 1] and synthetic.class_counts == [5, 3, 9]
+
+
+def test_integer_class_order_needs_a_drawn_profile(tmp_path):
+    make_folder_tree(tmp_path, [2, 2])
+    make_folder_tree(tmp_path, [1, 1], "test")
+    with pytest.raises(DataError, match="class_order: an integer order does not apply to image"):
+        build_splits("image_folder", str(tmp_path), class_order=1)
+    with pytest.raises(DataError, match="class_order: an integer order does not apply to imagenet"):
+        build_splits("imagenet_lt", str(tmp_path), class_order=1)
+    with pytest.raises(DataError, match="does not apply to list_files"):
+        build_splits("list_files", str(tmp_path), class_order=0, train_list="t", test_list="t")
+    for bad in ("random", -1, True, 2.0):
+        with pytest.raises(DataError, match="class_order must be 'label' or a non-negative"):
+            build_splits("synthetic_lt", class_order=bad)
 
 
 # ---------------------------------------------------------------- synthetic

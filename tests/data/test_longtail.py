@@ -1,16 +1,14 @@
-"""Long-tailed profiles, LDAM-convention subsampling, held-out draws and shot groups."""
+"""Long-tailed profiles, class orders, LDAM-convention subsampling and held-out draws."""
 
 import numpy as np
 import pytest
 
 from dscl.data.longtail import (
-    ShotGroups,
     balanced_holdout,
     carve_per_class,
     class_counts,
     exponential_profile,
-    shot_group_summary,
-    shot_groups,
+    order_profile,
     subsample_longtail,
 )
 
@@ -100,29 +98,16 @@ def test_carve_never_empties_a_class():
     assert sorted(keep.tolist() + carved.tolist()) == list(range(14))
 
 
-def test_shot_groups_at_threshold_edges():
-    counts = [101, 100, 20, 19, 500, 1, 21, 99]
-    assert shot_groups(counts) == {"many": [0, 4], "medium": [1, 2, 6, 7], "few": [3, 5]}
-    groups = ShotGroups(many_threshold=100, few_threshold=20)
-    assert [groups.group_of(n) for n in (101, 100, 20, 19)] == ["many", "medium", "medium", "few"]
-    assert shot_groups([10, 5, 4], many_threshold=5, few_threshold=5) == {
-        "many": [0],
-        "medium": [1],
-        "few": [2],
-    }
+def test_order_profile_label_order_is_the_identity():
+    counts, permutation = order_profile(FASHION_LT_COUNTS, None)
+    assert counts == FASHION_LT_COUNTS and permutation == list(range(10))
 
 
-def test_shot_group_summary_exact():
-    summary = shot_group_summary(FASHION_LT_COUNTS)
-    assert summary == {
-        "many": {"classes": 5, "images": 2653, "min": 108, "max": 1280},
-        "medium": {"classes": 2, "images": 89, "min": 31, "max": 58},
-        "few": {"classes": 3, "images": 31, "min": 5, "max": 17},
-    }
-    assert shot_group_summary([500])["few"] == {"classes": 0, "images": 0, "min": 0, "max": 0}
-
-
-@pytest.mark.parametrize("many, few", [(20, 100), (-1, 0), (100, 2.5), (True, 0)])
-def test_shot_groups_reject_bad_thresholds(many, few):
-    with pytest.raises(ValueError):
-        ShotGroups(many, few)
+def test_order_profile_deals_counts_by_a_seeded_permutation():
+    counts, permutation = order_profile(FASHION_LT_COUNTS, 3)
+    # counts[permutation[r]] is the r-th largest count; the multiset of counts is unchanged.
+    assert [counts[c] for c in permutation] == FASHION_LT_COUNTS
+    assert sorted(permutation) == list(range(10)) and sorted(counts) == sorted(FASHION_LT_COUNTS)
+    assert permutation == np.random.default_rng(3).permutation(10).tolist()
+    assert order_profile(FASHION_LT_COUNTS, 3) == (counts, permutation)
+    assert order_profile(FASHION_LT_COUNTS, 4)[1] != permutation

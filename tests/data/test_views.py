@@ -63,7 +63,14 @@ def test_view_config_patch_size_and_coercion():
 
 def test_blur_kernel_sizes():
     # ~10% of the side, odd, >= 3; none below blur_min_size (16).
-    assert [color_ops._blur_kernel(s, 16) for s in (224, 64, 32, 28, 16, 9)] == [23, 7, 3, 3, 3, 0]
+    assert [color_ops.blur_kernel_size(s, 16) for s in (224, 64, 32, 28, 16, 9)] == [
+        23,
+        7,
+        3,
+        3,
+        3,
+        0,
+    ]
 
 
 # ---------------------------------------------------------------- colour ops vs torchvision
@@ -74,18 +81,18 @@ def test_color_ops_match_torchvision():
     x = torch.rand(4, 3, 11, 13)
     factors = torch.tensor([0.6, 0.9, 1.2, 1.4])
     for ours, ref in [
-        (color_ops._brightness, TF.adjust_brightness),
-        (color_ops._contrast, TF.adjust_contrast),
-        (color_ops._saturation, TF.adjust_saturation),
+        (color_ops.adjust_brightness, TF.adjust_brightness),
+        (color_ops.adjust_contrast, TF.adjust_contrast),
+        (color_ops.adjust_saturation, TF.adjust_saturation),
     ]:
         expected = torch.stack([ref(img, float(f)) for img, f in zip(x, factors, strict=True)])
         torch.testing.assert_close(ours(x, factors), expected, atol=ATOL, rtol=0)
     shifts = torch.tensor([-0.1, -0.03, 0.05, 0.1])
     expected = torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(x, shifts, strict=True)])
     # hsv round trip: a few divisions per pixel, float32 error ~1e-6
-    torch.testing.assert_close(color_ops._hue(x, shifts), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(color_ops.adjust_hue(x, shifts), expected, atol=1e-5, rtol=0)
     gray = TF.rgb_to_grayscale(x, num_output_channels=1)
-    torch.testing.assert_close(color_ops._gray(x), gray, atol=ATOL, rtol=0)
+    torch.testing.assert_close(color_ops.grayscale(x), gray, atol=ATOL, rtol=0)
     sigmas = torch.tensor([0.1, 0.7, 1.3, 2.0])
     expected = torch.stack(
         [
@@ -93,13 +100,13 @@ def test_color_ops_match_torchvision():
             for img, s in zip(x, sigmas, strict=True)
         ]
     )
-    torch.testing.assert_close(color_ops._gaussian_blur(x, sigmas, 5), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(color_ops.gaussian_blur(x, sigmas, 5), expected, atol=ATOL, rtol=0)
 
 
 def test_apply_color_uses_each_images_own_order_and_masks():
     torch.manual_seed(1)
     x = torch.rand(3, 3, 8, 8)
-    params = color_ops._ColorParams(
+    params = color_ops.ColorParams(
         jitter=torch.tensor([True, True, False]),
         factors=torch.tensor([[1.3, 0.7, 1.2, 0.05], [0.8, 1.3, 0.6, -0.08], [1.4, 1.4, 1.4, 0.1]]),
         order=torch.tensor([[3, 1, 0, 2], [0, 2, 1, 3], [0, 1, 2, 3]]),
@@ -121,7 +128,7 @@ def test_apply_color_uses_each_images_own_order_and_masks():
             img = TF.gaussian_blur(img, [3, 3], [float(params.sigma[i])] * 2)
         expected.append(img)
     torch.testing.assert_close(
-        color_ops._apply_color(x, params, 3), torch.stack(expected), atol=1e-5, rtol=0
+        color_ops.apply_color(x, params, 3), torch.stack(expected), atol=1e-5, rtol=0
     )
 
 
@@ -141,7 +148,7 @@ def test_batched_resample_matches_crop_then_interpolate():
     )
     flips = torch.tensor([[False, True, False], [True, False, True], [False, False, True]])
     for size in (6, 9):  # downsampling and upsampling mixes
-        out = crop_ops._resample_boxes(images, boxes, flips, size)  # (3, 3, 3, s, s)
+        out = crop_ops.resample_boxes(images, boxes, flips, size)  # (3, 3, 3, s, s)
         for n in range(3):
             for m in range(3):
                 ref = _crop_reference(images[n], boxes[n, m], size, bool(flips[n, m]))
@@ -164,7 +171,7 @@ def test_draw_boxes_follow_random_resized_crop_distribution():
     # A 1000x1000 frame makes integer rounding negligible (<0.2% in area and ratio).
     g = torch.Generator().manual_seed(4)
     n = 4000
-    boxes = crop_ops._draw_boxes(n, 1000, 1000, (0.05, 0.6), (3 / 4, 4 / 3), g, torch.device("cpu"))
+    boxes = crop_ops.draw_boxes(n, 1000, 1000, (0.05, 0.6), (3 / 4, 4 / 3), g, torch.device("cpu"))
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     area, log_ratio = (w * h / 1e6).double(), torch.log(w / h).double()
     assert boxes.min() >= 0 and boxes[:, 2:].max() <= 1000
@@ -183,7 +190,7 @@ def test_draw_boxes_follow_random_resized_crop_distribution():
 def test_draw_boxes_fall_back_to_central_crop():
     g = torch.Generator().manual_seed(5)
     # Area fraction 1 with ratio fixed at 2 never fits a 10x10 frame: central 10x5 crop.
-    boxes = crop_ops._draw_boxes(3, 10, 10, (1.0, 1.0), (2.0, 2.0), g, torch.device("cpu"))
+    boxes = crop_ops.draw_boxes(3, 10, 10, (1.0, 1.0), (2.0, 2.0), g, torch.device("cpu"))
     assert boxes.tolist() == [[0.0, 2.0, 10.0, 7.0]] * 3
 
 

@@ -168,7 +168,7 @@ def test_batched_eval_matches_per_sample_eval():
 
 def test_color_parameters_follow_configured_probabilities():
     n = 4000
-    params = V._draw_params(V.ViewConfig(view_size=32, num_patches=2), n, 32, 32, _gen(20))
+    params = V.draw_view_params(V.ViewConfig(view_size=32, num_patches=2), n, 32, 32, _gen(20))
     # Binomial rates within 5 standard errors (sd <= 0.5/sqrt(n) = 0.008).
     for color, total in ((params.query_color, n), (params.patch_color, 2 * n)):
         tol = 5 * 0.5 / math.sqrt(total)
@@ -196,7 +196,7 @@ def test_color_ops_are_applied_exactly_where_drawn():
     images, seed, b = _images(64, 30, 30, seed=21), 22, 64
     on = V.BatchedMultiView(V.ViewConfig(view_size=32))(images, _gen(seed))
     off = V.BatchedMultiView(V.ViewConfig(view_size=32, color_augment=False))(images, _gen(seed))
-    params = V._draw_params(V.ViewConfig(view_size=32), b, 30, 30, _gen(seed))
+    params = V.draw_view_params(V.ViewConfig(view_size=32), b, 30, 30, _gen(seed))
     assert torch.equal(on["boxes"], off["boxes"])
     qc, pc = params.query_color, params.patch_color
     changed = (on["query"] - off["query"]).flatten(1).abs().amax(1) > 1e-3

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dscl.data.shots import assign_shot_groups
 from dscl.engine.evaluate import (
-    assign_shot_groups,
     classification_metrics,
     format_metrics_table,
     predict_logits,

@@ -93,7 +93,7 @@ def test_lr_follows_the_schedule_by_global_step():
         opt,
         epoch=1,
         steps_per_epoch=3,
-        after_step=lambda i, step: seen.append((i, step, opt.optimizer.param_groups[0]["lr"])),
+        after_step=lambda i, step, check: seen.append((i, step, opt.optimizer.param_groups[0]["lr"])),
     )
     assert seen == [(0, 3, 0.4), (1, 4, 0.5), (2, 5, 0.6)]
 
@@ -109,7 +109,7 @@ def test_resumed_epoch_starts_at_first_batch_and_stop_ends_it():
         epoch=1,
         steps_per_epoch=4,
         first_batch=1,
-        after_step=lambda i, step: steps.append(step) or step == 6,
+        after_step=lambda i, step, check: steps.append(step) or step == 6,
     )
     assert steps == [5, 6] and result.stopped and result.steps == 2 and method.after == 2
 

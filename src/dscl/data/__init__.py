@@ -12,19 +12,25 @@ from dscl.data.imagesets import (
     to_rgb,
 )
 from dscl.data.longtail import (
-    ShotGroups,
     balanced_holdout,
     carve_per_class,
     class_counts,
     exponential_profile,
-    shot_group_summary,
-    shot_groups,
+    order_profile,
     subsample_longtail,
 )
 from dscl.data.samplers import ClassBalancedSampler
+from dscl.data.shots import (
+    SHOT_GROUPS,
+    ShotGroups,
+    assign_shot_groups,
+    shot_group_summary,
+    shot_groups,
+)
 
 __all__ = [
     "DATASETS",
+    "SHOT_GROUPS",
     "ArrayImageDataset",
     "ClassBalancedSampler",
     "DataError",
@@ -32,12 +38,14 @@ __all__ = [
     "DatasetSpec",
     "ImageFileDataset",
     "ShotGroups",
+    "assign_shot_groups",
     "balanced_holdout",
     "build_splits",
     "carve_per_class",
     "class_counts",
     "exponential_profile",
     "load_rgb",
+    "order_profile",
     "shot_group_summary",
     "shot_groups",
     "subsample_longtail",

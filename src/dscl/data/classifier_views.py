@@ -22,7 +22,7 @@ def _classifier_scale(view_size: int, scale: tuple[float, float] | None) -> tupl
     # Small images (<= 64 px) lose their object under an 8% crop; keep at least 35% of the area.
     if scale is None:
         scale = (0.08, 1.0) if view_size > 64 else (0.35, 1.0)
-    return crop_ops._check_interval("scale", scale, 1.0)
+    return crop_ops.check_interval("scale", scale, 1.0)
 
 
 class ClassifierTrainTransform:
@@ -43,29 +43,25 @@ class ClassifierTrainTransform:
         std=IMAGENET_STD,
         scale: tuple[float, float] | None = None,
     ) -> None:
-        crop_ops._check_int("view_size", view_size, 1)
+        crop_ops.check_int("view_size", view_size, 1)
         self.view_size, self.scale = view_size, _classifier_scale(view_size, scale)
-        self.mean, self.std = crop_ops._check_stats(mean, std)
+        self.mean, self.std = crop_ops.check_stats(mean, std)
 
     def __call__(
         self, img: Image.Image | Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
-        image = crop_ops._image_tensor(img)  # (3, H, W)
+        image = crop_ops.image_tensor(img)  # (3, H, W)
         device = generator.device if generator is not None else torch.device("cpu")
-        box = crop_ops._draw_boxes(
+        box = crop_ops.draw_boxes(
             1, image.shape[1], image.shape[2], self.scale, CROP_RATIO, generator, device
         )[0]
-        flip = bool(crop_ops._draw_flips(1, generator, device)[0])
-        return crop_ops._normalise(
-            crop_ops._crop_resize(image, box, self.view_size, flip), self.mean, self.std
+        flip = bool(crop_ops.draw_flips(1, generator, device)[0])
+        return crop_ops.normalise(
+            crop_ops.crop_resize(image, box, self.view_size, flip), self.mean, self.std
         )
 
 
-def classifier_train_transform(
-    view_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale: tuple[float, float] | None = None
-) -> ClassifierTrainTransform:
-    """Stage-2 per-sample training transform (see ``ClassifierTrainTransform``)."""
-    return ClassifierTrainTransform(view_size, mean, std, scale)
+classifier_train_transform = ClassifierTrainTransform  # the function-style name callers use
 
 
 def batched_classifier_train(
@@ -81,19 +77,17 @@ def batched_classifier_train(
     With the same generator state it equals the per-sample transform applied image by image for
     B = 1 (up to float rounding).
     """
-    crop_ops._check_int("view_size", view_size, 1)
-    scale = _classifier_scale(view_size, scale)
-    mean, std = crop_ops._check_stats(mean, std)
-    x = crop_ops._check_batch(images)  # (B, 3, H, W)
+    settings = ClassifierTrainTransform(view_size, mean, std, scale)  # checked, defaults filled
+    x = crop_ops.check_batch(images)  # (B, 3, H, W)
     device = generator.device if generator is not None else torch.device("cpu")
-    boxes = crop_ops._draw_boxes(
-        x.shape[0], x.shape[2], x.shape[3], scale, CROP_RATIO, generator, device
+    boxes = crop_ops.draw_boxes(
+        x.shape[0], x.shape[2], x.shape[3], settings.scale, CROP_RATIO, generator, device
     )
-    flips = crop_ops._draw_flips(x.shape[0], generator, device)
-    views = crop_ops._resample_boxes(
+    flips = crop_ops.draw_flips(x.shape[0], generator, device)
+    views = crop_ops.resample_boxes(
         x, boxes[:, None].to(x.device), flips[:, None].to(x.device), view_size
     )[:, 0]  # (B, 3, S, S)
-    return crop_ops._normalise(views, mean, std)
+    return crop_ops.normalise(views, settings.mean, settings.std)
 
 
 def _default_resize_ratio(view_size: int, resize_ratio: float | None) -> float:
@@ -137,22 +131,18 @@ class EvalTransform:
         std=IMAGENET_STD,
         resize_ratio: float | None = None,
     ) -> None:
-        crop_ops._check_int("view_size", view_size, 1)
+        crop_ops.check_int("view_size", view_size, 1)
         self.view_size = view_size
         self.resize_ratio = _default_resize_ratio(view_size, resize_ratio)
-        self.mean, self.std = crop_ops._check_stats(mean, std)
+        self.mean, self.std = crop_ops.check_stats(mean, std)
 
     def __call__(self, img: Image.Image | Tensor) -> Tensor:
-        x = crop_ops._to_unit(crop_ops._image_tensor(img))[None]  # (1, 3, H, W)
+        x = crop_ops.to_unit(crop_ops.image_tensor(img))[None]  # (1, 3, H, W)
         view = _resize_centre_crop(x, self.view_size, self.resize_ratio)[0]
-        return crop_ops._normalise(view, self.mean, self.std)
+        return crop_ops.normalise(view, self.mean, self.std)
 
 
-def eval_transform(
-    view_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_ratio: float | None = None
-) -> EvalTransform:
-    """Per-sample evaluation transform (see ``EvalTransform``)."""
-    return EvalTransform(view_size, mean, std, resize_ratio)
+eval_transform = EvalTransform  # the function-style name callers use
 
 
 def batched_eval(
@@ -163,9 +153,6 @@ def batched_eval(
     resize_ratio: float | None = None,
 ) -> Tensor:
     """Batched ``EvalTransform``: (B, 3, H, W) uint8 → (B, 3, S, S) normalised, same device."""
-    crop_ops._check_int("view_size", view_size, 1)
-    ratio = _default_resize_ratio(view_size, resize_ratio)
-    mean, std = crop_ops._check_stats(mean, std)
-    return crop_ops._normalise(
-        _resize_centre_crop(crop_ops._check_batch(images), view_size, ratio), mean, std
-    )
+    settings = EvalTransform(view_size, mean, std, resize_ratio)  # checked, defaults filled
+    views = _resize_centre_crop(crop_ops.check_batch(images), view_size, settings.resize_ratio)
+    return crop_ops.normalise(views, settings.mean, settings.std)  # (B, 3, S, S)

@@ -2,7 +2,7 @@
 
 torchvision's formulas, vectorised over images that each have their own factors: colour jitter
 (brightness, contrast, saturation, hue) in a random order per image, then grayscale, then a
-Gaussian blur. ``_draw_color`` draws the parameters, ``_apply_color`` applies them. Blur uses a
+Gaussian blur. ``draw_color`` draws the parameters, ``apply_color`` applies them. Blur uses a
 kernel of about 10% of the image side (odd, at least 3) and is skipped for images smaller than a
 minimum size: there a 3-tap kernel already spans a fifth of the image or more and erases it rather
 than blurs it (the 8-9 px patches of 28-32 px views).
@@ -22,7 +22,9 @@ LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_gr
 
 
 @dataclass
-class _ColorParams:
+class ColorParams:
+    """Colour-op parameters of N images (``draw_color``; ``apply_color`` uses them)."""
+
     jitter: Tensor  # (N,) bool, jitter applied
     factors: Tensor  # (N, 4) brightness, contrast, saturation factors and hue shift
     order: Tensor  # (N, 4) long, order of the four jitter ops
@@ -32,7 +34,7 @@ class _ColorParams:
     use_hue: bool
 
 
-def _draw_color(
+def draw_color(
     n: int,
     hue: float,
     p_jitter: float,
@@ -40,19 +42,20 @@ def _draw_color(
     p_blur: float,
     generator: torch.Generator | None,
     device: torch.device,
-) -> _ColorParams:
+) -> ColorParams:
     """Colour-op parameters of ``n`` images; draws the same numbers whatever the outcomes."""
     u = torch.rand(n, 8, generator=generator, device=device)
     order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)
     low = 1.0 - JITTER_STRENGTH
     factors = torch.cat([low + 2 * JITTER_STRENGTH * u[:, 1:4], hue * (2 * u[:, 4:5] - 1)], 1)
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7]
-    return _ColorParams(
+    return ColorParams(
         u[:, 0] < p_jitter, factors, order, u[:, 5] < p_gray, u[:, 6] < p_blur, sigma, hue > 0
     )
 
 
-def _gray(x: Tensor) -> Tensor:
+def grayscale(x: Tensor) -> Tensor:
+    """Luma of (N, 3, H, W) images: (N, 1, H, W), torchvision's ``rgb_to_grayscale`` weights."""
     return (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (N, 1, H, W)
 
 
@@ -61,19 +64,22 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (factor * x + (1 - factor) * other).clamp(0, 1)
 
 
-def _brightness(x: Tensor, factor: Tensor) -> Tensor:
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """Scale image i of (N, 3, H, W) by ``factor[i]`` ((N,)), clamped to [0, 1]."""
     return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
 
 
-def _contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend image i of (N, 3, H, W) with its mean luma by ``factor[i]`` ((N,))."""
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
 
 
-def _saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, _gray(x), factor)
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend image i of (N, 3, H, W) with its grayscale version by ``factor[i]`` ((N,))."""
+    return _blend(x, grayscale(x), factor)
 
 
-def _hue(x: Tensor, shift: Tensor) -> Tensor:
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Rotate the HSV hue of every pixel of image i by ``shift[i]`` (a fraction of a turn)."""
     red, green, blue = x.unbind(1)  # (N, H, W) each
     value, low = x.amax(1), x.amin(1)
@@ -90,10 +96,10 @@ def _hue(x: Tensor, shift: Tensor) -> Tensor:
     return value[:, None] * (1 - sat[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     """Separable Gaussian blur of image i with ``sigma[i]``, reflect padding (torchvision's)."""
     n, c, h, w = x.shape
     taps = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
@@ -106,7 +112,7 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     return y.view(n, c, h, w)
 
 
-def _blur_kernel(size: int, min_size: int) -> int:
+def blur_kernel_size(size: int, min_size: int) -> int:
     """Odd kernel of about 10% of ``size``, at least 3; 0 (no blur) below ``min_size``."""
     if size < min_size:
         return 0
@@ -114,7 +120,7 @@ def _blur_kernel(size: int, min_size: int) -> int:
     return max(3, k + 1 - k % 2)
 
 
-def _apply_color(x: Tensor, params: _ColorParams, blur_kernel: int) -> Tensor:
+def apply_color(x: Tensor, params: ColorParams, blur_kernel: int) -> Tensor:
     """Jitter (per-image random op order), grayscale, blur of (N, 3, H, W) images in [0, 1]."""
     x = x.clone()
     for step in range(4):
@@ -124,8 +130,8 @@ def _apply_color(x: Tensor, params: _ColorParams, blur_kernel: int) -> Tensor:
                 x[idx] = _JITTER_OPS[op](x[idx], params.factors[idx, op])
     idx = params.gray.nonzero()[:, 0]
     if idx.numel():
-        x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
+        x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
     idx = params.blur.nonzero()[:, 0]
     if blur_kernel and idx.numel():
-        x[idx] = _gaussian_blur(x[idx], params.sigma[idx], blur_kernel)
+        x[idx] = gaussian_blur(x[idx], params.sigma[idx], blur_kernel)
     return x

@@ -9,8 +9,8 @@ argument checks and the final normalisation. Conventions:
   of a stride-s feature map at ``spatial_scale=1/s`` samples the region a patch was cropped from.
 - **Resizing.** A crop is resized with the bilinear (triangle) filter, antialiased when shrinking,
   using only the pixels inside the box: exactly ``F.interpolate(crop, mode="bilinear",
-  antialias=True)``. The per-sample path (``_crop_resize``) calls that on each crop; the batched
-  path (``_resample_boxes``) writes the same filter as per-image row and column matrices, so two
+  antialias=True)``. The per-sample path (``crop_resize``) calls that on each crop; the batched
+  path (``resample_boxes``) writes the same filter as per-image row and column matrices, so two
   batched matmuls crop, resize and (by reversing the column matrix) flip a whole batch with a
   different box per image.
 """
@@ -35,12 +35,18 @@ CROP_ATTEMPTS = 10  # random-resized-crop tries before the central fallback
 # ---------------------------------------------------------------- argument checks
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _check_interval(name: str, value: object, upper: float | None) -> tuple[float, float]:
+def check_interval(name: str, value: object, upper: float | None) -> tuple[float, float]:
+    """``value`` as a float pair (low, high) with 0 < low <= high (<= ``upper`` if given).
+
+    Raises:
+        ValueError: naming ``name`` otherwise.
+    """
     try:
         low, high = (float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
@@ -51,7 +57,8 @@ def _check_interval(name: str, value: object, upper: float | None) -> tuple[floa
     return low, high
 
 
-def _check_stats(mean: object, std: object) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def check_stats(mean: object, std: object) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) as two 3-tuples of floats (RGB), every std > 0; ValueError otherwise."""
     out = []
     for name, value in (("mean", mean), ("std", std)):
         try:
@@ -69,7 +76,7 @@ def _check_stats(mean: object, std: object) -> tuple[tuple[float, ...], tuple[fl
 # ------------------------------------------------------------ random-resized-crop boxes and flips
 
 
-def _draw_boxes(
+def draw_boxes(
     n: int,
     height: int,
     width: int,
@@ -114,14 +121,15 @@ def _draw_boxes(
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).float()  # (n, 4)
 
 
-def _draw_flips(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def draw_flips(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(n,) bool horizontal flips, each with probability ``P_FLIP``, drawn on ``device``."""
     return torch.rand(n, generator=generator, device=device) < P_FLIP  # (n,) bool
 
 
 # ---------------------------------------------------------------- crop + resize
 
 
-def _to_unit(images: Tensor) -> Tensor:
+def to_unit(images: Tensor) -> Tensor:
     """uint8 in [0, 255] or float in [0, 1] → float32 in [0, 1]."""
     if images.dtype == torch.uint8:
         return images.float().div_(255)
@@ -130,7 +138,7 @@ def _to_unit(images: Tensor) -> Tensor:
     raise ValueError(f"images must be uint8 or floating point, got dtype {images.dtype}")
 
 
-def _image_tensor(img: Image.Image | Tensor) -> Tensor:
+def image_tensor(img: Image.Image | Tensor) -> Tensor:
     """A PIL image or a (3, H, W) tensor → (3, H, W) tensor (uint8 for PIL)."""
     if isinstance(img, Image.Image):
         array = np.array(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
@@ -141,17 +149,18 @@ def _image_tensor(img: Image.Image | Tensor) -> Tensor:
     raise ValueError(f"img must be a PIL image or a (3, H, W) tensor, got {shape}")
 
 
-def _check_batch(images: object) -> Tensor:
+def check_batch(images: object) -> Tensor:
+    """A (B, 3, H, W) uint8 or float batch as float32 in [0, 1]; ValueError on another shape."""
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
-    return _to_unit(images)
+    return to_unit(images)
 
 
-def _crop_resize(image: Tensor, box: Tensor, size: int, flip: bool = False) -> Tensor:
+def crop_resize(image: Tensor, box: Tensor, size: int, flip: bool = False) -> Tensor:
     """Crop (3, H, W) ``image`` at integer ``box`` (x1, y1, x2, y2), resize to (3, size, size)."""
     x1, y1, x2, y2 = (int(v) for v in box.tolist())
-    crop = _to_unit(image[None, :, y1:y2, x1:x2])  # (1, 3, h, w)
+    crop = to_unit(image[None, :, y1:y2, x1:x2])  # (1, 3, h, w)
     out = F.interpolate(
         crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )[0]
@@ -180,7 +189,7 @@ def _resample_weights(start: Tensor, length: Tensor, flip: Tensor, src: int, out
     return torch.where(flip[..., None, None], weights.flip(-2), weights)
 
 
-def _resample_boxes(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
+def resample_boxes(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
     """Batched crop + resize (+ flip): (N, C, H, W), (N, M, 4), (N, M) → (N, M, C, s, s)."""
     # N images, M boxes per image, C channels
     height, width = images.shape[-2:]
@@ -191,5 +200,6 @@ def _resample_boxes(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> 
     return torch.einsum("nmcyw,nmxw->nmcyx", tmp, cols)  # (N, M, C, s, s)
 
 
-def _normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """(..., 3, H, W) images minus ``mean``, divided by ``std`` (per channel)."""
     return (x - x.new_tensor(mean).view(3, 1, 1)) / x.new_tensor(std).view(3, 1, 1)

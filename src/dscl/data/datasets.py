@@ -11,7 +11,7 @@ training images the long-tailed subset did NOT keep. When a class has fewer unus
 head class of CIFAR-LT keeps all of its 500 / 5000), ``val_shortfall`` decides: ``"partial"``
 (default) keeps the benchmark training set exact and gives that class fewer validation images,
 ``"carve"`` moves the missing ones from its training images, ``"error"`` raises. Otherwise
-(image folders without a ``val`` folder, iNaturalist or JSON without a validation list) up to
+(image folders without a ``val`` folder, list files or JSON without a validation list) up to
 ``val_per_class`` images per class are carved out of training (a class always keeps one image).
 Test sets are used as published (balanced).
 
@@ -26,14 +26,23 @@ Expected layouts (``root`` defaults to ``$DSCL_DATA/<folder>``):
   lines like ``train_val2018/Plantae/7477/<id>.jpg 7477``), images under ``<root>/train_val2018``.
   A validation list may be given as ``val_list``; without it one is carved from training.
   For the three above, ``extra`` may set ``list_dir`` (folder of the list files, default root),
-  ``train_list`` / ``val_list`` / ``test_list`` (file names or paths) and ``check_files``.
+  ``train_list`` / ``val_list`` / ``test_list`` (file names or paths), ``class_names`` (a file,
+  one name per line) and ``check_files``; see ``dscl.data.listsets``.
+- ``list_files``: your own list files, the same format; ``extra`` must give ``train_list`` and
+  ``test_list`` (relative to ``root`` or absolute), may give ``val_list``, ``num_classes``
+  (default: the largest training label + 1) and the settings above.
 - ``json``: ``extra`` gives ``train_json`` and ``test_json`` (``val_json`` optional) in the
   authors' format; ``root`` is the image root the ``fpath`` entries lie in.
 - ``image_folder``: ``<root>/train/<class>/...``, ``<root>/test/<class>/...`` and optionally
   ``<root>/val/<class>/...``; with ``n_max`` and ``imbalance_ratio`` the training folder is
-  subsampled to the exponential profile (classes in sorted name order, the first the largest).
+  subsampled to the exponential profile (classes in sorted name order, the first the largest,
+  unless ``class_order`` is a seed).
 - ``synthetic_lt``: generated (see ``dscl.data.synthetic``); ``extra``: ``num_classes`` (10),
   ``image_size`` (32), ``test_per_class`` (50). ``root`` is ignored.
+
+With ``skip_bad_images`` every image file is decoded once when the splits are built and the
+unreadable ones are left out of their split; ``DataSplits.summary()`` lists them under
+``bad_images`` and adds one note per split that lost images.
 """
 
 from __future__ import annotations
@@ -51,13 +60,17 @@ from dscl.data.listfiles import (
     check_no_empty_class,
     names_from_paths,
     read_json_annotations,
-    read_list_file,
     scan_image_folder,
 )
-from dscl.data.longtail import (
-    exponential_profile,
-    subsample_longtail,
+from dscl.data.listsets import (
+    IMAGENET_LT,
+    INAT2018,
+    LIST_FILES,
+    LIST_KEYS,
+    PLACES_LT,
+    list_builder,
 )
+from dscl.data.longtail import subsample_longtail
 from dscl.data.splits import (
     VAL_SHORTFALL,
     DataSplits,
@@ -67,6 +80,8 @@ from dscl.data.splits import (
     flag_setting,
     lt_indices,
     make_splits,
+    profile_counts,
+    skip_unreadable,
 )
 from dscl.data.synthetic import make_synthetic
 
@@ -74,15 +89,13 @@ __all__ = ["DATASETS", "DataError", "DataSplits", "DatasetSpec", "build_splits"]
 
 
 def _array_lt(full: ArrayImageDataset, test: ArrayImageDataset, req: SplitRequest) -> DataSplits:
-    counts = exponential_profile(full.num_classes, req.n_max, req.imbalance_ratio)
+    counts, permutation = profile_counts(full.num_classes, req)
     kept, val, notes = lt_indices(full.targets, counts, req)
-    return make_splits(full.subset(kept), full.subset(val), test, notes)
+    return make_splits(full.subset(kept), full.subset(val), test, notes, permutation)
 
 
-def _files(images: ImageList, names: list[str], req: SplitRequest) -> ImageFileDataset:
-    return ImageFileDataset(
-        images.paths, images.targets, names, skip_bad_images=req.skip_bad_images
-    )
+def _files(images: ImageList, names: list[str]) -> ImageFileDataset:
+    return ImageFileDataset(images.paths, images.targets, names)
 
 
 def _build_fashion(req: SplitRequest) -> DataSplits:
@@ -104,48 +117,17 @@ def _build_synthetic(req: SplitRequest) -> DataSplits:
     test_per_class = req.extra.get("test_per_class", 50)
     for key, value in (("num_classes", num_classes), ("test_per_class", test_per_class)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            raise DataError(f"{key} must be a positive integer, got {value!r}")
     # A balanced pool big enough for the head class and a full validation set in every class.
     pool = make_synthetic([req.n_max + req.val_per_class] * num_classes, image_size, req.seed, 0)
     test = make_synthetic([test_per_class] * num_classes, image_size, req.seed, 1)
     return _array_lt(pool, test, req)
 
 
-def _build_lists(
-    num_classes: int, folder: str, train: str, val: str | None, test: str
-) -> Callable[[SplitRequest], DataSplits]:
-    def build(req: SplitRequest) -> DataSplits:
-        if req.download:
-            raise ValueError(f"download: {req.name} cannot be downloaded; see the layout notes")
-        root = data_root(req, folder)
-        list_dir = req.extra.get("list_dir", root)
-        check = flag_setting(req, "check_files")
-
-        def path(key: str, default: str | None) -> str | None:
-            value = req.extra.get(key, default)
-            return None if value is None else os.path.join(list_dir, value)
-
-        train_list = read_list_file(path("train_list", train), root, num_classes, check)
-        check_no_empty_class(train_list.targets, num_classes, train_list.source)
-        test_list = read_list_file(path("test_list", test), root, num_classes, check)
-        check_disjoint(train_list, test_list)
-        names = names_from_paths(train_list, root, num_classes)
-        train_set, test_set = _files(train_list, names, req), _files(test_list, names, req)
-        val_path = path("val_list", val)
-        if val_path is None:
-            train_set, val_set, notes = carve_split(train_set, req)
-            return make_splits(train_set, val_set, test_set, notes)
-        val_list = read_list_file(val_path, root, num_classes, check)
-        check_disjoint(train_list, val_list)
-        return make_splits(train_set, _files(val_list, names, req), test_set, [])
-
-    return build
-
-
 def _build_json(req: SplitRequest) -> DataSplits:
     for key in ("train_json", "test_json"):
         if not isinstance(req.extra.get(key), str):
-            raise ValueError(f"{key}: the json dataset needs the path of the {key[:-5]} file")
+            raise DataError(f"{key}: the json dataset needs the path of the {key[:-5]} file")
     root = data_root(req, "")
     check = flag_setting(req, "check_files")
     train_list, num_classes = read_json_annotations(req.extra["train_json"], root, check)
@@ -162,8 +144,8 @@ def _build_json(req: SplitRequest) -> DataSplits:
                 f"training file's {num_classes}"
             )
         check_disjoint(train_list, images)
-        others[key] = _files(images, names, req)
-    train_set = _files(train_list, names, req)
+        others[key] = _files(images, names)
+    train_set = _files(train_list, names)
     if "val_json" in others:
         return make_splits(train_set, others["val_json"], others["test_json"], [])
     train_set, val_set, notes = carve_split(train_set, req)
@@ -173,17 +155,17 @@ def _build_json(req: SplitRequest) -> DataSplits:
 def _build_image_folder(req: SplitRequest) -> DataSplits:
     root = data_root(req, "")
     train_list, names = scan_image_folder(os.path.join(root, "train"))
-    full = _files(train_list, names, req)
-    test_set = _files(scan_image_folder(os.path.join(root, "test"), names)[0], names, req)
+    full = _files(train_list, names)
+    test_set = _files(scan_image_folder(os.path.join(root, "test"), names)[0], names)
     val_set = None
     if os.path.isdir(os.path.join(root, "val")):
-        val_set = _files(scan_image_folder(os.path.join(root, "val"), names)[0], names, req)
+        val_set = _files(scan_image_folder(os.path.join(root, "val"), names)[0], names)
     if req.n_max is None:
         if val_set is not None:
             return make_splits(full, val_set, test_set, [])
         train_set, carved, notes = carve_split(full, req)
         return make_splits(train_set, carved, test_set, notes)
-    counts = exponential_profile(len(names), req.n_max, req.imbalance_ratio)
+    counts, permutation = profile_counts(len(names), req)
     for c, (have, need) in enumerate(zip(full.class_counts, counts, strict=True)):
         if have < need:
             raise DataError(
@@ -192,9 +174,9 @@ def _build_image_folder(req: SplitRequest) -> DataSplits:
             )
     if val_set is not None:
         kept = subsample_longtail(full.targets, counts, req.seed)
-        return make_splits(full.subset(kept), val_set, test_set, [])
+        return make_splits(full.subset(kept), val_set, test_set, [], permutation)
     kept, val, notes = lt_indices(full.targets, counts, req)
-    return make_splits(full.subset(kept), full.subset(val), test_set, notes)
+    return make_splits(full.subset(kept), full.subset(val), test_set, notes, permutation)
 
 
 @dataclass(frozen=True)
@@ -213,7 +195,6 @@ class DatasetSpec:
     extra_keys: tuple[str, ...] = ()
 
 
-_LIST_KEYS = ("list_dir", "train_list", "val_list", "test_list", "check_files")
 DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist_lt": DatasetSpec(
         _build_fashion, "Fashion-MNIST-LT", profile="required", n_max=1280, imbalance_ratio=256.0
@@ -225,29 +206,16 @@ DATASETS: dict[str, DatasetSpec] = {
         _build_cifar(100), "CIFAR-100-LT", profile="required", n_max=500, imbalance_ratio=100.0
     ),
     "imagenet_lt": DatasetSpec(
-        _build_lists(
-            1000,
-            "ImageNet_LT",
-            "ImageNet_LT_train.txt",
-            "ImageNet_LT_val.txt",
-            "ImageNet_LT_test.txt",
-        ),
-        "ImageNet-LT (list files)",
-        extra_keys=_LIST_KEYS,
+        list_builder(IMAGENET_LT), "ImageNet-LT (list files)", extra_keys=LIST_KEYS
     ),
     "places_lt": DatasetSpec(
-        _build_lists(
-            365, "Places_LT", "Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"
-        ),
-        "Places-LT (list files)",
-        extra_keys=_LIST_KEYS,
+        list_builder(PLACES_LT), "Places-LT (list files)", extra_keys=LIST_KEYS
     ),
     "inat2018": DatasetSpec(
-        _build_lists(
-            8142, "iNaturalist18", "iNaturalist18_train.txt", None, "iNaturalist18_val.txt"
-        ),
-        "iNaturalist 2018 (list files)",
-        extra_keys=_LIST_KEYS,
+        list_builder(INAT2018), "iNaturalist 2018 (list files)", extra_keys=LIST_KEYS
+    ),
+    "list_files": DatasetSpec(
+        list_builder(LIST_FILES), "your own list files", extra_keys=(*LIST_KEYS, "num_classes")
     ),
     "json": DatasetSpec(
         _build_json,
@@ -273,6 +241,7 @@ def build_splits(
     n_max: int | None = None,
     imbalance_ratio: float | None = None,
     seed: int = 0,
+    class_order: str | int = "label",
     val_per_class: int = 20,
     skip_bad_images: bool = False,
     download: bool = False,
@@ -287,51 +256,76 @@ def build_splits(
         n_max: images of the largest class; None takes the dataset's default.
         imbalance_ratio: IR = n_max / n_min; None takes the dataset's default.
         seed: seed of the long-tailed subsampling (LDAM convention) and of validation draws.
+        class_order: which class receives which count of the long-tailed profile: "label" gives
+            class c the c-th largest (the benchmarks), an integer seeds a permutation (see
+            ``longtail.order_profile``). Only where dscl draws the profile (Fashion-MNIST-LT,
+            CIFAR-LT, synthetic, image folders with ``n_max``); elsewhere only "label" applies.
         val_per_class: validation images per class drawn from unused or carved training images.
-        skip_bad_images: replace unreadable image files instead of raising ``DataError``.
+        skip_bad_images: decode every image file once and leave out the unreadable ones (listed
+            in ``summary()["bad_images"]``, one note per split) instead of raising ``DataError``
+            when one is loaded.
         download: allow torchvision's downloader (Fashion-MNIST, CIFAR only).
         val_shortfall: "partial", "carve" or "error" (see the module docstring).
         **extra: dataset-specific settings (see the module docstring); unknown keys are errors.
 
     Raises:
-        ValueError: on a bad argument; ``DataError`` (a ValueError) on bad data.
+        DataError: (a ValueError) on a bad argument or setting, or on bad data.
     """
     if name not in DATASETS:
-        raise ValueError(f"name: unknown dataset {name!r}; known: {sorted(DATASETS)}")
+        raise DataError(f"name: unknown dataset {name!r}; known: {sorted(DATASETS)}")
     spec = DATASETS[name]
     unknown = sorted(set(extra) - set(spec.extra_keys))
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for {name}; accepted: {spec.extra_keys}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if not isinstance(val_per_class, int) or isinstance(val_per_class, bool) or val_per_class < 0:
-        raise ValueError(f"val_per_class must be a non-negative integer, got {val_per_class!r}")
+        raise DataError(f"unknown setting(s) {unknown} for {name}; accepted: {spec.extra_keys}")
+    for key, value in (("seed", seed), ("val_per_class", val_per_class)):
+        if not _is_count(value):
+            raise DataError(f"{key} must be a non-negative integer, got {value!r}")
     if val_shortfall not in VAL_SHORTFALL:
-        raise ValueError(f"val_shortfall must be one of {VAL_SHORTFALL}, got {val_shortfall!r}")
+        raise DataError(f"val_shortfall must be one of {VAL_SHORTFALL}, got {val_shortfall!r}")
     if spec.profile == "none" and (n_max is not None or imbalance_ratio is not None):
-        raise ValueError(
+        raise DataError(
             f"n_max / imbalance_ratio: {name} has a fixed profile, got {n_max} / {imbalance_ratio}"
         )
     if spec.profile == "optional" and (n_max is None) != (imbalance_ratio is None):
-        raise ValueError(
+        raise DataError(
             f"n_max and imbalance_ratio must be given together for {name}, got "
             f"{n_max} / {imbalance_ratio}"
         )
     if spec.profile == "required":
         n_max = spec.n_max if n_max is None else n_max
         imbalance_ratio = spec.imbalance_ratio if imbalance_ratio is None else imbalance_ratio
+    if class_order != "label":
+        if not _is_count(class_order):
+            raise DataError(
+                f"class_order must be 'label' or a non-negative integer seed, got {class_order!r}"
+            )
+        if n_max is None:
+            raise DataError(
+                f"class_order: an integer order does not apply to {name}, whose class counts "
+                "are its own (it applies where dscl draws the long-tailed profile: "
+                "fashion_mnist_lt, cifar10_lt, cifar100_lt, synthetic_lt, image_folder with "
+                "n_max and imbalance_ratio); use 'label'"
+            )
     req = SplitRequest(
-        name,
-        root,
-        n_max,
-        imbalance_ratio,
-        seed,
-        val_per_class,
-        bool(skip_bad_images),
-        bool(download),
-        val_shortfall,
-        dict(extra),
+        name=name,
+        root=root,
+        n_max=n_max,
+        imbalance_ratio=imbalance_ratio,
+        seed=seed,
+        class_order=class_order,
+        val_per_class=val_per_class,
+        skip_bad_images=bool(skip_bad_images),
+        download=bool(download),
+        val_shortfall=val_shortfall,
+        extra=dict(extra),
     )
     splits = spec.build(req)
     check_no_empty_class(splits.train.targets, splits.num_classes, f"{name} training set")
+    if req.skip_bad_images:
+        splits = skip_unreadable(splits, name)
+    splits.class_order = class_order
     return splits
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -3,8 +3,7 @@
 - ``ArrayImageDataset``: images held in memory as uint8 arrays (Fashion-MNIST, CIFAR, synthetic);
   it also offers ``tensor_images()`` for the batched on-device augmentation path.
 - ``ImageFileDataset``: images read lazily from files (list files, JSON, image folders); a corrupt
-  file raises ``DataError`` naming it, or with ``skip_bad_images`` is replaced by another image of
-  the same class and recorded in ``bad_images``.
+  file raises ``DataError`` naming it; ``find_unreadable()`` finds every such file up front.
 
 Both return ``(transform(image), label)``, or ``(image, label)`` when ``transform`` is None, where
 ``image`` is always an RGB PIL image: grayscale, alpha, palette and 16/32-bit images are converted.
@@ -12,7 +11,9 @@ Both return ``(transform(image), label)``, or ``(image, label)`` when ``transfor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dscl.errors import DataError
+
 Transform = Callable[[Image.Image], Any]
-
-
-class DataError(ValueError):
-    """Bad dataset content: a missing or corrupt file, a bad label, a malformed list line, ..."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -65,17 +64,37 @@ def load_rgb(path: str) -> Image.Image:
     return to_rgb(image)
 
 
-def _counts(targets: Sequence[int], num_classes: int) -> list[int]:
-    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).tolist()
+class _LabelledImages(Dataset):
+    """What both dataset kinds share: labels, class names, counts, length and the transform."""
+
+    def __init__(
+        self, targets: Sequence[int], class_names: Sequence[str], transform: Transform | None
+    ) -> None:
+        self.targets = [int(t) for t in targets]
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        bad = [t for t in self.targets if not 0 <= t < self.num_classes]
+        if bad:
+            raise ValueError(f"targets: label {bad[0]} is outside [0, {self.num_classes})")
+        self.transform = transform
+
+    @property
+    def class_counts(self) -> list[int]:
+        """(C,) images per class in this dataset."""
+        labels = np.asarray(self.targets, dtype=np.int64)
+        return np.bincount(labels, minlength=self.num_classes).tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _item(self, image: Image.Image, index: int) -> tuple[Any, int]:
+        """(transform(image), label) of entry ``index``, or (image, label) without transform."""
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
 
 
-def _check_labels(targets: Sequence[int], class_names: Sequence[str], what: str) -> None:
-    bad = [t for t in targets if not 0 <= t < len(class_names)]
-    if bad:
-        raise ValueError(f"{what}: label {bad[0]} is outside [0, {len(class_names)})")
-
-
-class ArrayImageDataset(Dataset):
+class ArrayImageDataset(_LabelledImages):
     """An in-memory image dataset.
 
     Args:
@@ -104,28 +123,13 @@ class ArrayImageDataset(Dataset):
             raise ValueError(f"images must have 3 channels last, got shape {images.shape}")
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        super().__init__(targets, class_names, transform)
         self.images = images
-        self.targets = [int(t) for t in targets]
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        _check_labels(self.targets, self.class_names, "targets")
         indices = range(len(images)) if source_indices is None else source_indices
         self.source_indices = [int(i) for i in indices]
-        self.transform = transform
-
-    @property
-    def class_counts(self) -> list[int]:
-        """(C,) images per class in this dataset."""
-        return _counts(self.targets, self.num_classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = to_rgb(Image.fromarray(self.images[index]))
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+        return self._item(to_rgb(Image.fromarray(self.images[index])), index)
 
     def tensor_images(self) -> torch.Tensor:
         """All images as one uint8 tensor (N, 3, H, W); grayscale is repeated to 3 channels."""
@@ -146,7 +150,7 @@ class ArrayImageDataset(Dataset):
         )
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(_LabelledImages):
     """Images read lazily from files.
 
     Args:
@@ -154,14 +158,10 @@ class ImageFileDataset(Dataset):
         targets: N labels in [0, C).
         class_names: C class names.
         transform: callable applied to the RGB PIL image, or None.
-        skip_bad_images: if False, an unreadable image raises ``DataError`` naming the file; if
-            True it is recorded in ``bad_images`` and another image of the same class is returned
-            instead (the next readable one in dataset order, wrapping around).
 
-    Note:
-        ``bad_images`` is filled in the process that loads the image: with DataLoader workers the
-        records stay in the workers. Call ``scan_bad_images()`` in the main process first to find
-        every corrupt file up front (it decodes every image once).
+    An unreadable image raises ``DataError`` naming the file when it is loaded. To skip such
+    images instead, find them up front with ``find_unreadable()`` and drop them with ``subset()``
+    (``build_splits(..., skip_bad_images=True)`` does so).
     """
 
     def __init__(
@@ -171,94 +171,53 @@ class ImageFileDataset(Dataset):
         class_names: Sequence[str],
         *,
         transform: Transform | None = None,
-        skip_bad_images: bool = False,
     ) -> None:
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
+        super().__init__(targets, class_names, transform)
         self.paths = [str(p) for p in paths]
-        self.targets = [int(t) for t in targets]
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        _check_labels(self.targets, self.class_names, "targets")
-        self.transform = transform
-        self.skip_bad_images = bool(skip_bad_images)
-        self.bad_images: list[str] = []
-        self._bad: set[int] = set()
-        self._by_class: list[list[int]] = [[] for _ in self.class_names]
-        for i, t in enumerate(self.targets):
-            self._by_class[t].append(i)
 
-    @property
-    def class_counts(self) -> list[int]:
-        """(C,) images per class in this dataset."""
-        return _counts(self.targets, self.num_classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def _try_load(self, index: int) -> Image.Image | None:
-        """The RGB image at ``index``, or None (recorded as bad) if skipping unreadable files."""
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         path = self.paths[index]
         try:
-            return load_rgb(path)
+            image = load_rgb(path)
         # PIL raises many exception types for corrupt data (OSError, SyntaxError, ValueError,
         # struct.error, DecompressionBombError ...); only decoding is inside this try.
         except Exception as exc:  # noqa: BLE001
-            if not self.skip_bad_images:
-                raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
-            if index not in self._bad:
-                self._bad.add(index)
-                self.bad_images.append(path)
-            return None
+            raise DataError(f"{path}: unreadable image ({_describe(exc)})") from exc
+        return self._item(image, index)
 
-    def _load(self, index: int) -> Image.Image:
-        image = None if index in self._bad else self._try_load(index)
-        if image is not None:
-            return image
-        members = self._by_class[self.targets[index]]
-        start = members.index(index)
-        for step in range(1, len(members)):
-            other = members[(start + step) % len(members)]
-            if other not in self._bad:
-                image = self._try_load(other)
-                if image is not None:
-                    return image
-        name = self.class_names[self.targets[index]]
-        raise DataError(
-            f"every image of class {self.targets[index]} ({name}) is unreadable, "
-            f"e.g. {self.paths[index]}"
-        )
+    def find_unreadable(self, threads: int | None = None) -> list[tuple[int, str]]:
+        """Decode every image once and report the ones that fail.
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self._load(index)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+        Args:
+            threads: decoding threads; None uses up to 8 (one per CPU core).
 
-    def scan_bad_images(self) -> list[str]:
-        """Decode every image once; return (and, with skipping, record) the unreadable ones.
-
-        Raises:
-            DataError: on the first unreadable image when ``skip_bad_images`` is False.
+        Returns:
+            (index, error) of every unreadable image, in dataset order; error reads
+            "ExceptionType: message".
         """
-        for index in range(len(self)):
-            if index not in self._bad:
-                self._try_load(index)
-        return list(self.bad_images)
-
-    def report_bad_images(self) -> str:
-        """ "N unreadable images skipped: path, path, ..." for the images skipped so far."""
-        listed = ", ".join(self.bad_images)
-        return f"{len(self.bad_images)} unreadable images skipped" + (
-            f": {listed}" if listed else ""
-        )
+        workers = threads if threads is not None else min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            errors = list(pool.map(_decode_error, self.paths))
+        return [(i, error) for i, error in enumerate(errors) if error is not None]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageFileDataset:
-        """A new dataset of the given entries (in that order), same settings, no transform."""
+        """A new dataset of the given entries (in that order), same class names, no transform."""
         rows = [int(i) for i in indices]
         return ImageFileDataset(
-            [self.paths[i] for i in rows],
-            [self.targets[i] for i in rows],
-            self.class_names,
-            skip_bad_images=self.skip_bad_images,
+            [self.paths[i] for i in rows], [self.targets[i] for i in rows], self.class_names
         )
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _decode_error(path: str) -> str | None:
+    """None if ``path`` decodes as an image, else what went wrong ("ExceptionType: message")."""
+    try:
+        load_rgb(path)
+    except Exception as exc:  # noqa: BLE001 (as in ImageFileDataset.__getitem__)
+        return _describe(exc)
+    return None

@@ -1,4 +1,4 @@
-"""Long-tailed profiles, subsampling, held-out splits and shot groups.
+"""Long-tailed profiles, subsampling and held-out splits.
 
 The exponential profile and the subsampling follow the CIFAR-LT convention of the LDAM code
 (Cao et al., 2019), which PaCo, BCL and DSCL reuse: class i keeps
@@ -6,18 +6,15 @@ The exponential profile and the subsampling follow the CIFAR-LT convention of th
 class in turn with one NumPy ``RandomState`` seeded once. CIFAR-100-LT at IR 100 therefore has
 10,847 training images, at IR 50 12,608, at IR 10 19,573; CIFAR-10-LT at IR 100 has 12,406.
 
-Shot groups (Liu et al., 2019, OLTR): Many (> 100 training images), Medium (20-100), Few (< 20).
+Shot groups (Many / Medium / Few) live in ``dscl.data.shots``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
-
-GROUP_NAMES = ("many", "medium", "few")
 
 
 def exponential_profile(num_classes: int, n_max: int, imbalance_ratio: float) -> list[int]:
@@ -65,6 +62,29 @@ def _as_targets(targets: Sequence[int] | np.ndarray) -> np.ndarray:
     if array.size and array.min() < 0:
         raise ValueError(f"targets must be non-negative, got {int(array.min())}")
     return array.astype(np.int64)
+
+
+def order_profile(profile: Sequence[int], seed: int | None) -> tuple[list[int], list[int]]:
+    """Deal the counts of a profile out to the classes: which class gets which count.
+
+    Args:
+        profile: (C,) counts, largest first (``exponential_profile``).
+        seed: None gives count r to class r (label order, the benchmark convention); an integer
+            draws the order ``np.random.default_rng(seed).permutation(C)``.
+
+    Returns:
+        (per-class counts (C,), permutation (C,)) with ``counts[permutation[r]] == profile[r]``:
+        ``permutation[r]`` is the class that receives the r-th largest count.
+    """
+    num_classes = len(profile)
+    if seed is None:
+        permutation = list(range(num_classes))
+    else:
+        permutation = np.random.default_rng(seed).permutation(num_classes).tolist()
+    counts = [0] * num_classes
+    for rank, c in enumerate(permutation):
+        counts[c] = int(profile[rank])
+    return counts, permutation
 
 
 def subsample_longtail(
@@ -174,62 +194,3 @@ def class_counts(targets: Sequence[int] | np.ndarray, num_classes: int) -> list[
     if labels.size and labels.max() >= num_classes:
         raise ValueError(f"label {int(labels.max())} is outside [0, {num_classes})")
     return np.bincount(labels, minlength=num_classes).tolist()
-
-
-@dataclass(frozen=True)
-class ShotGroups:
-    """Many / Medium / Few split of classes by their number of training images.
-
-    Many: count > ``many_threshold``; Medium: ``few_threshold`` <= count <= ``many_threshold``;
-    Few: count < ``few_threshold`` (defaults 100 and 20, the OLTR convention).
-    """
-
-    many_threshold: int = 100
-    few_threshold: int = 20
-
-    def __post_init__(self) -> None:
-        for name in ("many_threshold", "few_threshold"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.few_threshold > self.many_threshold:
-            raise ValueError(
-                f"few_threshold ({self.few_threshold}) must not exceed "
-                f"many_threshold ({self.many_threshold})"
-            )
-
-    def group_of(self, count: int) -> str:
-        """ "many", "medium" or "few" for a class with ``count`` training images."""
-        if count > self.many_threshold:
-            return "many"
-        return "few" if count < self.few_threshold else "medium"
-
-    def assign(self, counts: Sequence[int]) -> dict[str, list[int]]:
-        """Class indices per group (keys "many", "medium", "few", each in class order)."""
-        groups: dict[str, list[int]] = {name: [] for name in GROUP_NAMES}
-        for c, count in enumerate(counts):
-            groups[self.group_of(int(count))].append(c)
-        return groups
-
-
-def shot_groups(
-    class_counts: Sequence[int], many_threshold: int = 100, few_threshold: int = 20
-) -> dict[str, list[int]]:
-    """Class indices per shot group; see ``ShotGroups``."""
-    return ShotGroups(many_threshold, few_threshold).assign(class_counts)
-
-
-def shot_group_summary(
-    class_counts: Sequence[int], many_threshold: int = 100, few_threshold: int = 20
-) -> dict[str, dict[str, int]]:
-    """Per group: number of classes, total images, smallest and largest class (0 when empty)."""
-    summary = {}
-    for name, members in shot_groups(class_counts, many_threshold, few_threshold).items():
-        sizes = [int(class_counts[c]) for c in members]
-        summary[name] = {
-            "classes": len(members),
-            "images": sum(sizes),
-            "min": min(sizes, default=0),
-            "max": max(sizes, default=0),
-        }
-    return summary

@@ -1,4 +1,4 @@
-"""Views of one training image (DESIGN.md §2): query x_q, key x_k, L patches and their boxes.
+"""Views of one training image (docs/DESIGN.md §2.4): query x_q, key x_k, L patches and their boxes.
 
 Conventions shared by every function here:
 
@@ -7,10 +7,10 @@ Conventions shared by every function here:
   convention), and a crop is resized exactly as ``F.interpolate(crop, mode="bilinear",
   antialias=True)``, per crop on the per-sample path and as batched row and column matrices
   (which also flip) on the batched path.
-- **Randomness.** Both paths draw every parameter with ``_draw_params`` on the generator's device
-  (CPU and torch's global RNG when no generator is given, so DataLoader worker seeding makes the
-  per-sample path reproducible). The per-sample result for an image therefore equals the batched
-  result for a batch of that one image under the same seed, up to float rounding.
+- **Randomness.** Both paths draw every parameter with ``draw_view_params`` on the generator's
+  device (CPU and torch's global RNG when no generator is given, so DataLoader worker seeding
+  makes the per-sample path reproducible). The per-sample result for an image therefore equals
+  the batched result for a batch of that one image under the same seed, up to float rounding.
 - **Colour.** Colour ops (``dscl.data.color_ops``) act on float images in [0, 1] with per-image
   factors (torchvision's formulas): jitter in a random order per image, then grayscale, then
   Gaussian blur; normalisation comes last. Blur uses a kernel of about 10% of the image side (odd,
@@ -39,21 +39,21 @@ from dscl.data.classifier_views import (
     classifier_train_transform,
     eval_transform,
 )
-from dscl.data.color_ops import _apply_color, _blur_kernel, _ColorParams, _draw_color
+from dscl.data.color_ops import ColorParams, apply_color, blur_kernel_size, draw_color
 from dscl.data.crop_ops import (
     CROP_RATIO,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    _check_batch,
-    _check_int,
-    _check_interval,
-    _check_stats,
-    _crop_resize,
-    _draw_boxes,
-    _draw_flips,
-    _image_tensor,
-    _normalise,
-    _resample_boxes,
+    check_batch,
+    check_int,
+    check_interval,
+    check_stats,
+    crop_resize,
+    draw_boxes,
+    draw_flips,
+    image_tensor,
+    normalise,
+    resample_boxes,
 )
 
 __all__ = [
@@ -105,20 +105,20 @@ class ViewConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        _check_int("view_size", self.view_size, 1)
+        check_int("view_size", self.view_size, 1)
         if self.patch_size is not None:
-            _check_int("patch_size", self.patch_size, 1)
-        _check_int("num_patches", self.num_patches, 0)
-        _check_int("blur_min_size", self.blur_min_size, 3)
+            check_int("patch_size", self.patch_size, 1)
+        check_int("num_patches", self.num_patches, 0)
+        check_int("blur_min_size", self.blur_min_size, 3)
         if not isinstance(self.color_augment, bool):
             raise ValueError(f"color_augment must be a bool, got {self.color_augment!r}")
         coerced = {
-            "crop_scale": _check_interval("crop_scale", self.crop_scale, 1.0),
-            "crop_ratio": _check_interval("crop_ratio", self.crop_ratio, None),
-            "patch_scale": _check_interval("patch_scale", self.patch_scale, 1.0),
-            "patch_ratio": _check_interval("patch_ratio", self.patch_ratio, None),
+            "crop_scale": check_interval("crop_scale", self.crop_scale, 1.0),
+            "crop_ratio": check_interval("crop_ratio", self.crop_ratio, None),
+            "patch_scale": check_interval("patch_scale", self.patch_scale, 1.0),
+            "patch_ratio": check_interval("patch_ratio", self.patch_ratio, None),
         }
-        coerced["mean"], coerced["std"] = _check_stats(self.mean, self.std)
+        coerced["mean"], coerced["std"] = check_stats(self.mean, self.std)
         for name, value in coerced.items():  # lists from YAML become tuples
             object.__setattr__(self, name, value)
 
@@ -134,16 +134,21 @@ class ViewConfig:
 
 
 @dataclass
-class _ViewParams:
+class ViewParams:
+    """Every random parameter of the views of N images (L patches each); see ``draw_view_params``.
+
+    Colour parameters are None when colour augmentation is off.
+    """
+
     query_boxes: Tensor  # (N, 4) crop of the source image
     query_flips: Tensor  # (N,) bool
     patch_boxes: Tensor  # (N, L, 4) in the flipped query frame
     patch_flips: Tensor  # (N, L) bool
     key_boxes: Tensor  # (N, 4)
     key_flips: Tensor  # (N,) bool
-    query_color: _ColorParams | None
-    patch_color: _ColorParams | None
-    key_color: _ColorParams | None
+    query_color: ColorParams | None
+    patch_color: ColorParams | None
+    key_color: ColorParams | None
 
 
 def _to_device(params, device: torch.device):
@@ -157,28 +162,42 @@ def _to_device(params, device: torch.device):
     return params
 
 
-def _draw_params(
+def draw_view_params(
     cfg: ViewConfig, n: int, height: int, width: int, generator: torch.Generator | None
-) -> _ViewParams:
-    """All random parameters of ``n`` images of height×width, drawn on the generator's device."""
+) -> ViewParams:
+    """All random parameters of the views of ``n`` images of height×width.
+
+    Both view paths draw through this function, in this order, so the per-sample and batched
+    paths see the same numbers under the same generator state.
+
+    Args:
+        cfg: view settings.
+        n: number of images N.
+        height, width: source image size in pixels.
+        generator: drawn on its device; None uses torch's global CPU RNG.
+
+    Returns:
+        ``ViewParams`` with query/key boxes (N, 4) and flips (N,), patch boxes (N, L, 4) in the
+        flipped S×S query frame and flips (N, L), and colour parameters for N, N·L and N images.
+    """
     device = generator.device if generator is not None else torch.device("cpu")
     size, num_patches = cfg.view_size, cfg.num_patches
-    query_boxes = _draw_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
-    query_flips = _draw_flips(n, generator, device)
-    patch_boxes = _draw_boxes(
+    query_boxes = draw_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
+    query_flips = draw_flips(n, generator, device)
+    patch_boxes = draw_boxes(
         n * num_patches, size, size, cfg.patch_scale, cfg.patch_ratio, generator, device
     ).view(n, num_patches, 4)
-    patch_flips = _draw_flips(n * num_patches, generator, device).view(n, num_patches)
-    key_boxes = _draw_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
-    key_flips = _draw_flips(n, generator, device)
-    colors: list[_ColorParams | None] = [None, None, None]
+    patch_flips = draw_flips(n * num_patches, generator, device).view(n, num_patches)
+    key_boxes = draw_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
+    key_flips = draw_flips(n, generator, device)
+    colors: list[ColorParams | None] = [None, None, None]
     if cfg.color_augment:
         colors = [
-            _draw_color(n, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, generator, device),
-            _draw_color(n * num_patches, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, generator, device),
-            _draw_color(n, 0.0, 1.0, 0.0, 0.0, generator, device),  # key: jitter always, no hue
+            draw_color(n, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, generator, device),
+            draw_color(n * num_patches, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, generator, device),
+            draw_color(n, 0.0, 1.0, 0.0, 0.0, generator, device),  # key: jitter always, no hue
         ]
-    return _ViewParams(
+    return ViewParams(
         query_boxes, query_flips, patch_boxes, patch_flips, key_boxes, key_flips, *colors
     )
 
@@ -187,22 +206,24 @@ def _draw_params(
 
 
 def _finish(
-    query: Tensor, key: Tensor, patches: Tensor, params: _ViewParams, cfg: ViewConfig
+    query: Tensor, key: Tensor, patches: Tensor, params: ViewParams, cfg: ViewConfig
 ) -> dict[str, Tensor]:
     """Colour + normalisation shared by both paths; views (N, 3, S, S), patches (N, L, 3, P, P)."""
     if params.query_color is not None:
-        query = _apply_color(
-            query, params.query_color, _blur_kernel(cfg.view_size, cfg.blur_min_size)
+        query = apply_color(
+            query, params.query_color, blur_kernel_size(cfg.view_size, cfg.blur_min_size)
         )
-        key = _apply_color(key, params.key_color, 0)
-        flat = _apply_color(
-            patches.flatten(0, 1), params.patch_color, _blur_kernel(cfg.patch_px, cfg.blur_min_size)
+        key = apply_color(key, params.key_color, 0)
+        flat = apply_color(
+            patches.flatten(0, 1),
+            params.patch_color,
+            blur_kernel_size(cfg.patch_px, cfg.blur_min_size),
         )  # (N·L, 3, P, P)
         patches = flat.view_as(patches)
     return {
-        "query": _normalise(query, cfg.mean, cfg.std),
-        "key": _normalise(key, cfg.mean, cfg.std),
-        "patches": _normalise(patches, cfg.mean, cfg.std),
+        "query": normalise(query, cfg.mean, cfg.std),
+        "key": normalise(key, cfg.mean, cfg.std),
+        "patches": normalise(patches, cfg.mean, cfg.std),
         "boxes": params.patch_boxes,
         "patch_flips": params.patch_flips,
     }
@@ -234,16 +255,16 @@ class MultiViewTransform:
     ) -> dict[str, Tensor]:
         # L patches, S view size, P patch size
         cfg, size, patch = self.cfg, self.cfg.view_size, self.cfg.patch_px
-        image = _image_tensor(img)  # (3, H, W)
-        params = _draw_params(cfg, 1, image.shape[1], image.shape[2], generator)
+        image = image_tensor(img)  # (3, H, W)
+        params = draw_view_params(cfg, 1, image.shape[1], image.shape[2], generator)
         params = _to_device(params, image.device)
-        query = _crop_resize(image, params.query_boxes[0], size, bool(params.query_flips[0]))
+        query = crop_resize(image, params.query_boxes[0], size, bool(params.query_flips[0]))
         patches = [
-            _crop_resize(query, box, patch, bool(flip))
+            crop_resize(query, box, patch, bool(flip))
             for box, flip in zip(params.patch_boxes[0], params.patch_flips[0], strict=True)
         ]
         stacked = torch.stack(patches) if patches else query.new_zeros(0, 3, patch, patch)
-        key = _crop_resize(image, params.key_boxes[0], size, bool(params.key_flips[0]))
+        key = crop_resize(image, params.key_boxes[0], size, bool(params.key_flips[0]))
         out = _finish(query[None], key[None], stacked[None], params, cfg)  # batch of one
         return {name: value[0] for name, value in out.items()}
 
@@ -270,16 +291,16 @@ class BatchedMultiView:
     ) -> dict[str, Tensor]:
         # B batch, L patches, S view size, P patch size
         cfg = self.cfg
-        x = _check_batch(images)  # (B, 3, H, W) in [0, 1]
-        params = _draw_params(cfg, x.shape[0], x.shape[2], x.shape[3], generator)
+        x = check_batch(images)  # (B, 3, H, W) in [0, 1]
+        params = draw_view_params(cfg, x.shape[0], x.shape[2], x.shape[3], generator)
         params = _to_device(params, x.device)
-        query = _resample_boxes(
+        query = resample_boxes(
             x, params.query_boxes[:, None], params.query_flips[:, None], cfg.view_size
         )[:, 0]  # (B, 3, S, S)
-        patches = _resample_boxes(
+        patches = resample_boxes(
             query, params.patch_boxes, params.patch_flips, cfg.patch_px
         )  # (B, L, 3, P, P)
-        key = _resample_boxes(
+        key = resample_boxes(
             x, params.key_boxes[:, None], params.key_flips[:, None], cfg.view_size
         )[:, 0]  # (B, 3, S, S)
         return _finish(query, key, patches, params, cfg)

@@ -18,7 +18,17 @@ from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics, predict_logits
 from dscl.engine.feed import TrainFeed, eval_batches
 from dscl.engine.loop import Optimization, run_epoch
-from dscl.engine.pretrain import StageContext, memory_format, per_process_batch, sgd
+from dscl.engine.preemption import SaveSchedule, TrainingInterrupted
+from dscl.engine.pretrain import (
+    StageContext,
+    check_interval,
+    memory_format,
+    per_process_batch,
+    rank_states,
+    restore_rank_state,
+    resume_position,
+    sgd,
+)
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
@@ -26,10 +36,26 @@ from dscl.models import Classifier, build_backbone
 LAST, BEST = "last.pt", "best.pt"
 
 
-def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
+def start_from_stage1_rng(stage1: dict[str, Any]) -> None:
+    """Continue from the RNG state stage 1 ended with: a no-op right after stage 1 in the same
+    process, and what makes stage 2 of a run resumed between the stages (or ``dscl classify``
+    on the same checkpoint) identical to an uninterrupted ``dscl run``."""
+    ranks = stage1.get("ranks")
+    if ranks is not None and len(ranks) == dist.get_world_size():
+        runtime.set_rng_state(ranks[dist.get_rank()]["rng"])
+    elif "rng" in stage1:
+        runtime.set_rng_state(stage1["rng"])
+
+
+def train_classifier(
+    ctx: StageContext, stage1: dict[str, Any], resume_state: dict[str, Any] | None = None
+) -> Path:
     """Train the linear classifier on the backbone of ``stage1`` (from
-    :func:`dscl.checkpoint.read_stage1`); return the path of the best checkpoint (on validation)."""
+    :func:`dscl.checkpoint.read_stage1`), from ``resume_state`` (an unfinished ``last.pt``) when
+    given; return the path of the best checkpoint (on validation)."""
     cfg, c, device = ctx.cfg, ctx.cfg.classifier, ctx.device
+    if resume_state is None:
+        start_from_stage1_rng(stage1)
     batch_size = per_process_batch(c.batch_size, "classifier.batch_size")
     backbone = build_backbone(cfg.model.backbone)
     backbone.load_state_dict(stage1["backbone"])
@@ -64,10 +90,52 @@ def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
     scaler = runtime.grad_scaler(device, ctx.amp)
     opt = Optimization(optimizer, lr_at, scaler, device, ctx.amp, fmt)
     best_top1, best_path, last_path = -1.0, ctx.run_dir / BEST, ctx.run_dir / LAST
-    for epoch in range(c.epochs):
-        run_epoch(
+    start_epoch, start_batch, position = 0, 0, None
+    if resume_state is not None:
+        probe.model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        position = restore_rank_state(resume_state, last_path)
+        start_epoch, start_batch = resume_position(resume_state, steps)
+        if start_batch == 0:  # the epoch ended: the next one starts its own augmentation
+            position = None
+        best_top1 = resume_state["best_top1"]
+        ctx.logger.info(
+            f"resuming stage 2 from {last_path} at epoch {start_epoch + 1}, step {start_batch + 1}"
+        )
+    schedule = SaveSchedule(
+        c.save_every_steps, cfg.save_every_minutes, ctx.stop, check_interval(ctx)
+    )
+
+    def save(epoch: int, next_batch: int, val: dict | None = None) -> None:
+        ranks = rank_states(feed)
+        if dist.is_main_process():
+            state = classifier_state(ctx, probe.model, epoch, val)
+            if val is not None and val["top1"] > best_top1:
+                save_checkpoint(state, best_path)
+            state |= {
+                "next_batch": next_batch,
+                "optimizer": optimizer.state_dict(),
+                "ranks": ranks,
+                "best_top1": max(best_top1, val["top1"]) if val else best_top1,
+                "finished": epoch == c.epochs - 1 and next_batch == steps,
+            }
+            save_checkpoint(state, last_path, keep_previous=True)
+        schedule.saved()
+        dist.barrier()
+
+    for epoch in range(start_epoch, c.epochs):
+        first = start_batch if epoch == start_epoch else 0
+
+        def after_step(i: int, step: int, check_finite, epoch: int = epoch) -> bool:
+            save_now, stop = schedule.decide(step)
+            if save_now and i + 1 < steps:  # the end of the epoch is saved below
+                check_finite()
+                save(epoch, i + 1)
+            return stop
+
+        result = run_epoch(
             probe,
-            feed.epoch(epoch),
+            feed.epoch(epoch, first, position if epoch == start_epoch else None),
             opt,
             epoch=epoch,
             steps_per_epoch=steps,
@@ -75,26 +143,29 @@ def train_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
             stage="classifier",
             desc=f"stage 2 epoch {epoch + 1}/{c.epochs}",
             log_every=cfg.log_every,
+            first_batch=first,
+            after_step=after_step,
         )
-        final = epoch == c.epochs - 1
-        if (epoch + 1) % c.eval_every and not final:
-            continue
-        metrics = evaluate_model(ctx, probe.model, val_batches)
-        val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
-        step = (epoch + 1) * steps - 1
-        ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | val)
-        ctx.logger.info(f"stage 2 epoch {epoch + 1}: validation top-1 {metrics['top1']:.2f}")
-        if dist.is_main_process():
-            state = classifier_state(ctx, probe.model, epoch, metrics)
-            save_checkpoint(state, last_path)
-            if metrics["top1"] > best_top1:
-                best_top1 = metrics["top1"]
-                save_checkpoint(state, best_path)
-        dist.barrier()
+        done = first + result.steps
+        if done == steps:
+            metrics = None
+            if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
+                metrics = evaluate_model(ctx, probe.model, val_batches)
+                val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
+                step = (epoch + 1) * steps - 1
+                ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | val)
+                top1 = metrics["top1"]
+                ctx.logger.info(f"stage 2 epoch {epoch + 1}: validation top-1 {top1:.2f}")
+            save(epoch, steps, metrics)
+            if metrics is not None:
+                best_top1 = max(best_top1, metrics["top1"])
+        if result.stopped:
+            step = epoch * steps + done
+            raise TrainingInterrupted(schedule.signal_name, "stage 2", last_path, step)
     return best_path
 
 
-def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict) -> dict:
+def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict | None) -> dict:
     return {
         "kind": "classifier",
         "method": ctx.cfg.method,
@@ -102,7 +173,7 @@ def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict
         "num_classes": ctx.splits.num_classes,
         "class_names": list(ctx.splits.class_names),
         "model": model.state_dict(),
-        "val_top1": val["top1"],
+        "val_top1": val["top1"] if val is not None else None,
         "config": config_to_dict(ctx.cfg),
         "git_commit": git_commit(),
     }

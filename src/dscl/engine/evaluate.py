@@ -2,7 +2,8 @@
 
 Long-tailed benchmarks report accuracy on a balanced test set, overall and per shot group of the
 *training* distribution (DESIGN §2, "Evaluation"): Many (> 100 training images), Medium (20-100)
-and Few (< 20). The thresholds are arguments here so that small datasets can use their own.
+and Few (< 20), as defined in ``dscl.data.shots``. The thresholds are arguments here so that small
+datasets can use their own.
 """
 
 from __future__ import annotations
@@ -13,34 +14,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from dscl.data.shots import SHOT_GROUPS, ShotGroups
+
 MAX_CONFUSION_CLASSES = 1000  # above this, metrics carry no confusion matrix (None)
-SHOT_GROUPS = ("many", "medium", "few")
-
-
-def assign_shot_groups(
-    class_counts: Sequence[int], *, many_threshold: int = 100, few_threshold: int = 20
-) -> list[str]:
-    """Shot group of every class from its number of training images.
-
-    Args:
-        class_counts: training images per class, length C.
-        many_threshold: classes with strictly more training images are "many".
-        few_threshold: classes with strictly fewer training images are "few"; the rest
-            (``few_threshold <= count <= many_threshold``) are "medium".
-
-    Returns:
-        A list of C strings, each one of ``"many"``, ``"medium"``, ``"few"``.
-    """
-    _check_thresholds(many_threshold, few_threshold)
-    groups = []
-    for count in class_counts:
-        if count > many_threshold:
-            groups.append("many")
-        elif count < few_threshold:
-            groups.append("few")
-        else:
-            groups.append("medium")
-    return groups
 
 
 def classification_metrics(
@@ -90,7 +66,7 @@ def classification_metrics(
             f"class_counts has {len(class_counts)} entries but logits has {num_classes} columns"
         )
     counts = _as_counts(class_counts)
-    _check_thresholds(many_threshold, few_threshold)
+    shots = ShotGroups(many_threshold, few_threshold)
     logits = logits.detach().float().cpu()
     targets = targets.detach().long().cpu()
     if not torch.isfinite(logits).all():
@@ -119,7 +95,7 @@ def classification_metrics(
         for c, s in zip(correct.tolist(), support.tolist(), strict=True)
     ]
 
-    groups = assign_shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    groups = shots.labels(counts)
     result: dict = {"top1": top1, "top5": top5}
     for group in SHOT_GROUPS:
         accs = [a for a, g in zip(per_class, groups, strict=True) if g == group and a is not None]
@@ -202,15 +178,6 @@ def format_metrics_table(metrics: dict) -> str:
         classes = "" if size_key is None else f"  {sizes.get(size_key, '?')}"
         lines.append(f"{name:<8}{text:>8}{classes}".rstrip())
     return "\n".join(lines)
-
-
-def _check_thresholds(many_threshold: int, few_threshold: int) -> None:
-    if few_threshold < 0:
-        raise ValueError(f"few_threshold must be >= 0, got {few_threshold}")
-    if many_threshold < few_threshold:
-        raise ValueError(
-            f"many_threshold ({many_threshold}) must be >= few_threshold ({few_threshold})"
-        )
 
 
 def _as_counts(class_counts: Sequence[int]) -> list[int]:

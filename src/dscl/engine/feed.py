@@ -5,8 +5,9 @@ Two paths with the same semantics:
   the device once as uint8 and augmented there a whole batch at a time (``BatchedMultiView``);
 - per sample: any other dataset goes through a DataLoader whose workers run the per-sample
   transforms.
-Which images a rank sees in an epoch depends only on (seed, epoch, rank), so training resumes
-exactly at an epoch boundary.
+Which images a rank sees in an epoch and how they are augmented depend only on (seed, epoch,
+rank), and an epoch can start at any batch (:meth:`TrainFeed.epoch`), so training resumes exactly
+from a mid-epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class TrainFeed:
                 "images each process gets; lower the batch size"
             )
         self.images = None
+        self.generator: torch.Generator | None = None
         if in_memory and hasattr(dataset, "tensor_images"):
             self.images = dataset.tensor_images().to(device)  # (N, 3, H, W) uint8
             self.labels_on_device = self.targets.to(device)
@@ -108,18 +110,36 @@ class TrainFeed:
             local = perm[self.rank : (n // self.world) * self.world : self.world]
         return local[: self.steps_per_epoch * self.batch_size]
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(
+        self, epoch: int, start: int = 0, generator_state: torch.Tensor | None = None
+    ) -> Iterator[Batch]:
+        """The batches of ``epoch`` from batch ``start`` on.
+
+        A resumed epoch passes the ``start`` and ``generator_state`` that :meth:`position` gave
+        when the checkpoint was written, and gets exactly the batches an uninterrupted epoch
+        would have had from there on.
+        """
         idx = self.indices(epoch)
         if self.images is not None:
-            yield from self._in_memory(idx, epoch)
+            yield from self._in_memory(idx, epoch, start, generator_state)
         else:
-            yield from self._per_sample(idx, epoch)
+            yield from self._per_sample(idx, epoch, start)
 
-    def _in_memory(self, idx: torch.Tensor, epoch: int) -> Iterator[Batch]:
+    def position(self) -> torch.Tensor | None:
+        """The state of the current epoch's augmentation generator (in-memory path), to be saved
+        with a mid-epoch checkpoint; None for the per-sample path, which needs none."""
+        return None if self.generator is None else self.generator.get_state()
+
+    def _in_memory(
+        self, idx: torch.Tensor, epoch: int, start: int, generator_state: torch.Tensor | None
+    ) -> Iterator[Batch]:
         g = torch.Generator(device=self.device)
         g.manual_seed(_epoch_seed(self.seed, epoch, self.rank))
+        if generator_state is not None:
+            g.set_state(generator_state)
+        self.generator = g
         cfg = self.view_cfg
-        for step in range(self.steps_per_epoch):
+        for step in range(start, self.steps_per_epoch):
             batch_idx = idx[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
             images = self.images[batch_idx]  # (B, 3, H, W) uint8
             labels = self.labels_on_device[batch_idx]
@@ -133,24 +153,24 @@ class TrainFeed:
                 }
             yield Batch(inputs, labels)
 
-    def _per_sample(self, idx: torch.Tensor, epoch: int) -> Iterator[Batch]:
+    def _per_sample(self, idx: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
         cfg = self.view_cfg
         if self.kind == VIEWS:
             self.dataset.transform = MultiViewTransform(cfg)
         else:
             self.dataset.transform = classifier_train_transform(cfg.view_size, cfg.mean, cfg.std)
-        # Per-sample transforms draw from torch's global RNG; seed it per epoch (and, through the
-        # loader's generator, each worker) so an epoch is reproducible.
-        torch.manual_seed(_epoch_seed(self.seed, epoch, self.rank))
+        self.generator = None
+        base = _epoch_seed(self.seed, epoch, self.rank)
+        first = start * self.batch_size
+        positions = [(base + p, int(i)) for p, i in enumerate(idx.tolist()) if p >= first]
         loader = DataLoader(
-            self.dataset,
+            PositionSeeded(self.dataset),
             batch_size=self.batch_size,
-            sampler=idx.tolist(),
+            sampler=positions,
             num_workers=self.num_workers,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, epoch, self.rank)),
         )
         for sample, labels in loader:
             if self.kind == VIEWS:
@@ -158,6 +178,24 @@ class TrainFeed:
             else:
                 inputs = {"image": sample.to(self.device, non_blocking=True)}
             yield Batch(inputs, labels.to(self.device, non_blocking=True))
+
+
+class PositionSeeded(Dataset):
+    """Items ``(seed, index)``: ``dataset[index]`` transformed under torch's RNG seeded with
+    ``seed`` (one per position in the epoch), so a sample's augmentation is the same whichever
+    worker makes it and wherever a resumed epoch starts. The caller's RNG is left untouched."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        seed, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def eval_batches(

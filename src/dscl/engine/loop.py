@@ -99,7 +99,7 @@ def run_epoch(
     log_every: int = 20,
     first_batch: int = 0,
     times: StepTimes | None = None,
-    after_step: Callable[[int, int], bool] | None = None,
+    after_step: Callable[[int, int, Callable[[], None]], bool] | None = None,
 ) -> EpochResult:
     """Train ``method`` for one epoch (or what is left of it).
 
@@ -115,8 +115,9 @@ def run_epoch(
         log_every: global steps between log records.
         first_batch: index of the first batch of ``batches`` within the epoch (resume).
         times: per-phase timing (benchmarks), or None.
-        after_step: called as ``after_step(step_in_epoch, global_step)`` after each step, once
-            the loss has been checked; returning True stops the epoch after that step.
+        after_step: called as ``after_step(step_in_epoch, global_step, check_finite)`` after
+            each step; it must call ``check_finite()`` before it saves anything (the loss is
+            checked every step only on a CPU). Returning True stops the epoch after that step.
 
     Returns:
         :class:`EpochResult`.
@@ -166,7 +167,7 @@ def run_epoch(
         done += 1
         last = i == steps_per_epoch - 1
         log_now = step % log_every == 0 or last
-        if log_now or step % check_every == 0 or after_step is not None:
+        if log_now or step % check_every == 0:
             _check_finite(nonfinite, pending)
             nonfinite, pending = None, []
         if log_now:
@@ -175,9 +176,14 @@ def run_epoch(
             if logger is not None:
                 logger.log({"stage": stage, "epoch": epoch, "step": step} | values)
                 logger.postfix(values)
-        if after_step is not None and after_step(i, step):
-            stopped = True
-            break
+        if after_step is not None:
+
+            def check(nonfinite=nonfinite, pending=pending) -> None:  # before anything is saved
+                _check_finite(nonfinite, pending)
+
+            if after_step(i, step, check):
+                stopped = True
+                break
     if pending:
         _check_finite(nonfinite, pending)
     return EpochResult(done, seen, time.perf_counter() - start, values, stopped)

@@ -1,0 +1,388 @@
+"""Aggregating a study's finished cells: ``results.json``, ``RESULTS.md`` and ``study.png``.
+
+A *setting* is a point of the grid without the seed axis. Per setting: mean and sample standard
+deviation over seeds of top-1, Many, Medium and Few. Per non-baseline setting: the paired
+difference to the baseline (same seed and same value of every axis the baseline does not name)
+with its mean, sample standard deviation and 95% Student-t interval. Everything written is a
+function of the finished cells alone (no clock), so re-aggregating gives identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from dscl.study.runner import (
+    FINISHED,
+    cell_command,
+    cell_dir,
+    display_command,
+    read_cell_record,
+)
+from dscl.study.spec import Cell, Study, value_text
+from dscl.study.stats import summarize, t_interval
+
+METRICS = ("top1", "many", "medium", "few")
+LABELS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
+CONFIDENCE = 0.95
+
+
+def _read_metrics(study: Study, cell: Cell) -> dict:
+    path = cell_dir(study, cell) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _setting_key(study: Study, cell: Cell) -> tuple[int, ...]:
+    """The cell's coordinates without the seed axis."""
+    return tuple(c for k, c in zip(study.axes, cell.coords, strict=True) if k != study.seed_axis)
+
+
+def _setting_values(study: Study, cell: Cell) -> dict[str, Any]:
+    return {k: v for k, v in cell.settings.items() if k != study.seed_axis}
+
+
+def _is_baseline(study: Study, settings: dict[str, Any]) -> bool:
+    assert study.baseline is not None
+    return all(value_text(settings[k]) == value_text(v) for k, v in study.baseline.items())
+
+
+def _partner(study: Study, cell: Cell, by_coords: dict[tuple[int, ...], Cell]) -> Cell:
+    """The baseline cell paired with ``cell``: baseline values, everything else the same."""
+    assert study.baseline is not None
+    coords = list(cell.coords)
+    for position, key in enumerate(study.axes):
+        if key in study.baseline:
+            wanted = value_text(study.baseline[key])
+            coords[position] = [value_text(v) for v in study.axes[key]].index(wanted)
+    return by_coords[tuple(coords)]
+
+
+def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
+    """The study's results from its finished cells (``states``: cell name -> state).
+
+    Returns:
+        A JSON-serialisable dict with ``cells`` (per cell: settings, finished, metrics, wall
+        time), ``settings`` (per setting: n, seeds, mean/std/values of each metric and the mean
+        per-class accuracy), ``paired`` (per non-baseline setting and metric: pairs, mean, std,
+        95% interval or None) and ``missing`` (names of unfinished cells).
+    """
+    metrics: dict[str, dict] = {}
+    cells_out = []
+    for cell in study.cells:
+        finished = states[cell.name] == FINISHED
+        entry: dict[str, Any] = {"name": cell.name, "settings": cell.settings}
+        entry["finished"] = finished
+        if finished:
+            m = _read_metrics(study, cell)
+            metrics[cell.name] = m
+            entry["metrics"] = {k: m.get(k) for k in METRICS}
+            record = read_cell_record(study, cell) or {}
+            entry["wall_s"] = record.get("wall_s")
+            entry["resumed"] = record.get("resumed")
+        cells_out.append(entry)
+
+    groups: dict[tuple[int, ...], list[Cell]] = {}
+    for cell in study.cells:
+        groups.setdefault(_setting_key(study, cell), []).append(cell)
+    settings_out = []
+    for cells in groups.values():
+        done = [c for c in cells if c.name in metrics]
+        row: dict[str, Any] = {"settings": _setting_values(study, cells[0])}
+        row["n"] = len(done)
+        row["cells"] = [c.name for c in done]
+        if study.seed_axis:
+            row["seeds"] = [c.settings[study.seed_axis] for c in done]
+        for key in METRICS:
+            values = [metrics[c.name][key] for c in done if metrics[c.name].get(key) is not None]
+            row[key] = summarize(values) | {"values": values}
+        row["per_class"] = _per_class_mean([metrics[c.name] for c in done])
+        settings_out.append(row)
+
+    paired_out = []
+    if study.baseline is not None:
+        by_coords = {cell.coords: cell for cell in study.cells}
+        for cells in groups.values():
+            settings = _setting_values(study, cells[0])
+            if _is_baseline(study, settings):
+                continue
+            pairs = [(c, _partner(study, c, by_coords)) for c in cells]
+            pairs = [(a, b) for a, b in pairs if a.name in metrics and b.name in metrics]
+            row = {"settings": settings, "against": dict(study.baseline)}
+            row["pairs"] = [[a.name, b.name] for a, b in pairs]
+            for key in METRICS:
+                diffs = [
+                    metrics[a.name][key] - metrics[b.name][key]
+                    for a, b in pairs
+                    if metrics[a.name].get(key) is not None and metrics[b.name].get(key) is not None
+                ]
+                interval = t_interval(diffs, CONFIDENCE)
+                row[key] = summarize(diffs) | {
+                    "ci95": None if interval is None else list(interval),
+                    "values": diffs,
+                }
+            paired_out.append(row)
+
+    return {
+        "study": study.name,
+        "base": study.base,
+        "overrides": study.overrides,
+        "axes": study.axes,
+        "seed_axis": study.seed_axis,
+        "baseline": study.baseline,
+        "finished": len(metrics),
+        "total": len(study.cells),
+        "missing": [c.name for c in study.cells if c.name not in metrics],
+        "settings": settings_out,
+        "paired": paired_out,
+        "cells": cells_out,
+    }
+
+
+def _per_class_mean(runs: list[dict]) -> dict | None:
+    """Mean per-class accuracy and training counts over runs (None where no run has a value)."""
+    if not runs:
+        return None
+    width = max(len(m.get("per_class") or []) for m in runs)
+    accuracy, counts = [], []
+    for c in range(width):
+        accs = [m["per_class"][c] for m in runs if c < len(m["per_class"] or [])]
+        accs = [a for a in accs if a is not None]
+        accuracy.append(math.fsum(accs) / len(accs) if accs else None)
+        ns = [m["class_counts"][c] for m in runs if c < len(m.get("class_counts") or [])]
+        counts.append(math.fsum(ns) / len(ns) if ns else None)
+    return {"accuracy": accuracy, "class_counts": counts}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_results(study: Study, results: dict[str, Any]) -> Path:
+    """Write ``results.json``, ``study.png`` (when a cell finished) and ``RESULTS.md``.
+
+    Returns:
+        The path of ``RESULTS.md``.
+    """
+    folder = study.study_dir
+    text = json.dumps(results, indent=1, ensure_ascii=False) + "\n"
+    _write_atomic(folder / "results.json", text.encode())
+    figure = None
+    if results["finished"]:
+        figure = folder / "study.png"
+        _write_atomic(figure, _figure_png(study, results))
+    else:
+        (folder / "study.png").unlink(missing_ok=True)
+    page = results_markdown(study, results, figure is not None)
+    _write_atomic(folder / "RESULTS.md", page.encode())
+    return folder / "RESULTS.md"
+
+
+def _label(settings: dict[str, Any]) -> str:
+    if len(settings) == 1:
+        return value_text(next(iter(settings.values())))
+    return ", ".join(f"{k}={value_text(v)}" for k, v in settings.items())
+
+
+def _fmt_summary(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "—"
+    if stat["std"] is None:
+        return f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def _fmt_paired(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "—"
+    text = f"{stat['mean']:+.2f}"
+    if stat["std"] is not None:
+        text += f" ± {stat['std']:.2f}"
+    if stat["ci95"] is not None:
+        low, high = stat["ci95"]
+        text += f" [{low:+.2f}, {high:+.2f}]"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _machine_text(machine: dict) -> str:
+    parts = [
+        f"processor {machine.get('processor') or 'unknown'}",
+        f"machine {machine.get('machine') or 'unknown'}",
+        f"{machine.get('cpus') or '?'} CPUs",
+        f"torch {machine.get('torch') or '?'}",
+    ]
+    if machine.get("python"):
+        parts.append(f"Python {machine['python']}")
+    return ", ".join(parts)
+
+
+def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = True) -> str:
+    """``RESULTS.md``: tables, figure, machine, per-cell wall times and commands."""
+    axes = [k for k in study.axes if k != study.seed_axis]
+    out = [f"# Study `{study.name}`", ""]
+    if study.description:
+        out += [study.description.strip(), ""]
+    shape = " × ".join(f"{k} ({len(v)})" for k, v in study.axes.items())
+    out.append(f"Base config `{study.base}`; grid {shape} = {len(study.cells)} cells.")
+    overrides = ", ".join(f"`{k}={value_text(v)}`" for k, v in study.overrides.items())
+    out.append(f"Overrides for every cell: {overrides or 'none'}.")
+    out.append(f"Finished: {results['finished']} of {results['total']} cells.")
+    if results["missing"]:
+        out.append("Missing: " + ", ".join(f"`{name}`" for name in results["missing"]) + ".")
+    out.append("")
+
+    over = f"over {study.seed_axis}s" if study.seed_axis else "(one run per setting)"
+    out += [f"## Test accuracy (%), mean ± sample std {over}", ""]
+    header = [*axes, "n", *(LABELS[k] for k in METRICS)]
+    rows = []
+    for row in results["settings"]:
+        values = [value_text(row["settings"][k]) for k in axes]
+        rows.append([*values, str(row["n"]), *(_fmt_summary(row[k]) for k in METRICS)])
+    out += [*_table(header, rows), ""]
+
+    if study.baseline is not None:
+        against = ", ".join(f"{k}={value_text(v)}" for k, v in study.baseline.items())
+        others = [k for k in study.axes if k not in study.baseline]
+        out += [f"## Paired differences against {against} (percentage points)", ""]
+        out.append(
+            "Each cell minus the baseline cell with the same "
+            + ", ".join(others or ["(no other axis)"])
+            + f"; mean ± sample std over pairs and the {CONFIDENCE:.0%} Student-t interval "
+            "[low, high] (none with a single pair)."
+        )
+        out.append("")
+        header = [*axes, "pairs", *(f"Δ {LABELS[k]}" for k in METRICS)]
+        rows = []
+        for row in results["paired"]:
+            values = [value_text(row["settings"][k]) for k in axes]
+            pairs = str(len(row["pairs"]))
+            rows.append([*values, pairs, *(_fmt_paired(row[k]) for k in METRICS)])
+        out += [*_table(header, rows), ""]
+
+    if with_figure:
+        out += [
+            "## Figure",
+            "",
+            "Per-class test accuracy against training images per class (mean over seeds), and "
+            "the group means with their sample std.",
+            "",
+            "![per-class accuracy and group means](study.png)",
+            "",
+        ]
+
+    out += ["## Cells", ""]
+    header = ["cell", *(LABELS[k] for k in METRICS), "wall time"]
+    rows = []
+    machines: list[tuple[str, list[str]]] = []
+    for entry, cell in zip(results["cells"], study.cells, strict=True):
+        if not entry["finished"]:
+            rows.append([f"`{cell.name}`", *("—" for _ in METRICS), "not finished"])
+            continue
+        wall = entry.get("wall_s")
+        wall_text = "not recorded" if wall is None else f"{wall:.1f} s"
+        if entry.get("resumed"):
+            wall_text += " (resumed: last attempt)"
+        values = [_fmt_value(entry["metrics"][k]) for k in METRICS]
+        rows.append([f"`{cell.name}`", *values, wall_text])
+        record = read_cell_record(study, cell)
+        if record and isinstance(record.get("machine"), dict):
+            text = _machine_text(record["machine"])
+            for known, names in machines:
+                if known == text:
+                    names.append(cell.name)
+                    break
+            else:
+                machines.append((text, [cell.name]))
+    out += [*_table(header, rows), ""]
+
+    out += ["## Machine", ""]
+    if not machines:
+        out.append("Not recorded (no cell.json with a machine).")
+    elif len(machines) == 1:
+        out.append(f"{machines[0][0]} (every cell that recorded one).")
+    else:
+        for text, names in machines:
+            out.append(f"- {text}: " + ", ".join(f"`{n}`" for n in names))
+    out.append("")
+
+    out += ["## Commands", "", "The study (`--shard i/n` splits it over machines):", ""]
+    out += ["```", f"dscl study --config {study.study_dir / 'study.yaml'}", "```", ""]
+    out += ["Each cell (the study adds `--resume` to continue an interrupted one):", ""]
+    out.append("```")
+    out += [display_command(cell_command(study, cell)) for cell in study.cells]
+    out += ["```", ""]
+    return "\n".join(out)
+
+
+def _fmt_value(value: Any) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _figure_png(study: Study, results: dict[str, Any]) -> bytes:
+    """Per-class accuracy against training count, and group means with error bars."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [row for row in results["settings"] if row["n"] > 0]
+    fig = Figure(figsize=(13, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
+    colours = [f"C{i % 10}" for i in range(len(rows))]
+    for row, colour in zip(rows, colours, strict=True):
+        per_class = row["per_class"] or {"accuracy": [], "class_counts": []}
+        points = sorted(
+            (n, a)
+            for n, a in zip(per_class["class_counts"], per_class["accuracy"], strict=True)
+            if n is not None and a is not None and n > 0
+        )
+        if points:
+            xs, ys = zip(*points, strict=True)
+            left.plot(xs, ys, marker="o", ms=4, lw=1.2, color=colour, label=_label(row["settings"]))
+    left.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    left.xaxis.set_major_formatter(plain)
+    left.xaxis.set_minor_formatter(plain)
+    left.tick_params(axis="x", which="minor", labelsize=7)
+    left.set_xlabel("training images of the class (log scale)")
+    left.set_ylabel("test accuracy (%)")
+    left.set_ylim(-2, 102)
+    left.set_title("per-class accuracy (mean over seeds)")
+    left.grid(True, which="both", alpha=0.3)
+    if rows:
+        left.legend(fontsize=8, loc="best")
+
+    groups = list(METRICS[1:]) + ["top1"]
+    width = 0.8 / max(len(rows), 1)
+    for i, (row, colour) in enumerate(zip(rows, colours, strict=True)):
+        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+        means = [row[k]["mean"] if row[k]["mean"] is not None else math.nan for k in groups]
+        stds = [row[k]["std"] or 0.0 for k in groups]
+        right.bar(
+            xs, means, width, yerr=stds, capsize=2, color=colour, label=_label(row["settings"])
+        )
+    right.set_xticks(range(len(groups)), [LABELS[k] for k in groups])
+    right.set_ylabel("test accuracy (%), mean ± sample std")
+    right.set_ylim(0, 100)
+    right.set_title("groups")
+    right.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"study {study.name}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()

@@ -1,0 +1,544 @@
+"""``dscl study``: grid expansion, validation, aggregation and statistics, sharding, resuming.
+
+Aggregation is checked on fabricated cell folders against hand-computed values; the end-to-end
+tests run tiny studies on the synthetic dataset (a few seconds per cell on one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dscl.cli import main
+from dscl.config import config_to_yaml
+from dscl.errors import ConfigError
+from dscl.study import (
+    aggregate,
+    cell_command,
+    cell_name,
+    cell_state,
+    load_study,
+    parse_shard,
+    run_study,
+    safe_value,
+    shard_cells,
+    student_t_cdf,
+    student_t_quantile,
+    t_interval,
+    write_results,
+)
+from dscl.study.stats import regularized_incomplete_beta, sample_std
+
+# synthetic_lt with 40..4 images per class, 16 px: one cell takes a few seconds (as test_cli.py)
+TINY = {
+    "data.name": "synthetic_lt",
+    "data.n_max": 40,
+    "data.imbalance_ratio": 10,
+    "data.image_size": 16,
+    "data.val_per_class": 4,
+    "data.extra": {"image_size": 16, "test_per_class": 10},
+    "data.many_threshold": 30,
+    "data.few_threshold": 10,
+    "pretrain.epochs": 1,
+    "pretrain.batch_size": 32,
+    "pretrain.queue_size": 64,
+    "pretrain.warmup_epochs": 0,
+    "classifier.epochs": 2,
+    "classifier.batch_size": 32,
+    "classifier.base_lr": 0.5,
+    "classifier.milestones": [1],
+    "log_every": 1,
+    "threads": 1,
+}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=~-]+$")
+
+
+def write_study(tmp_path: Path, name: str = "s", filename: str = "study.yaml", **fields) -> Path:
+    data = {"name": name, "base": "fashion_mnist_lt"}
+    data.update(fields)
+    data.setdefault("overrides", {})
+    data["overrides"] = {"output_dir": str(tmp_path / "runs"), **data["overrides"]}
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def fabricate(study, cell, top1, many=None, medium=None, few=None, wall=1.5, per_class=None):
+    """A finished cell folder as `dscl run` and the study would leave it."""
+    folder = study.study_dir / cell.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(config_to_yaml(cell.config))
+    metrics = {
+        "top1": top1,
+        "many": many,
+        "medium": medium,
+        "few": few,
+        "per_class": per_class or [top1, top1 / 2],
+        "class_counts": [100, 5],
+        "split": "test",
+        "method": cell.config.method,
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    machine = {"processor": "x86_64", "machine": "x86_64", "cpus": 2, "torch": "9.9"}
+    record = {"cell": cell.name, "wall_s": wall, "resumed": False, "machine": machine}
+    (folder / "cell.json").write_text(json.dumps(record))
+
+
+def by_name(study):
+    return {cell.name: cell for cell in study.cells}
+
+
+# ---------------------------------------------------------------- grid and names
+
+
+def test_grid_order_names_and_configs(tmp_path: Path):
+    path = write_study(
+        tmp_path,
+        axes={
+            "method": ["ce", "dscl+pbsd"],
+            "data.patch_scale": [[0.05, 0.6], [0.2, 1.0]],
+            "seed": [0, 1],
+        },
+        overrides={"pretrain.epochs": 3},
+    )
+    study = load_study(path)
+    names = [cell.name for cell in study.cells]
+    assert names == [
+        "method-ce_data.patch_scale-0.05-0.6_seed-0",
+        "method-ce_data.patch_scale-0.05-0.6_seed-1",
+        "method-ce_data.patch_scale-0.2-1.0_seed-0",
+        "method-ce_data.patch_scale-0.2-1.0_seed-1",
+        "method-dscl+pbsd_data.patch_scale-0.05-0.6_seed-0",
+        "method-dscl+pbsd_data.patch_scale-0.05-0.6_seed-1",
+        "method-dscl+pbsd_data.patch_scale-0.2-1.0_seed-0",
+        "method-dscl+pbsd_data.patch_scale-0.2-1.0_seed-1",
+    ]
+    assert [cell.index for cell in study.cells] == list(range(8))
+    assert all(SAFE_NAME.match(n) for n in names) and len(set(names)) == 8
+    assert names == [cell.name for cell in load_study(path).cells]  # stable
+    cell = study.cells[6]
+    assert cell.settings == {"method": "dscl+pbsd", "data.patch_scale": [0.2, 1.0], "seed": 0}
+    cfg = cell.config
+    assert (cfg.method, cfg.data.patch_scale, cfg.seed) == ("dscl+pbsd", [0.2, 1.0], 0)
+    assert cfg.pretrain.epochs == 3 and cfg.name == cell.name
+    assert study.study_dir == tmp_path / "runs" / "s"
+    assert cell_command(study, cell) == [
+        sys.executable,
+        "-m",
+        "dscl.cli",
+        "run",
+        "--config",
+        "fashion_mnist_lt",
+        "--name",
+        "method-dscl+pbsd_data.patch_scale-0.2-1.0_seed-0",
+        "pretrain.epochs=3",
+        "method=dscl+pbsd",
+        "data.patch_scale=[0.2, 1.0]",
+        "seed=0",
+        f"output_dir={tmp_path / 'runs' / 's'}",
+        "--resume",
+        "auto",
+    ]
+
+
+def test_safe_values_and_long_names():
+    assert safe_value("dscl+pbsd") == "dscl+pbsd"
+    assert safe_value("a b/c:d") == "a~b~c~d"
+    assert safe_value([0.05, 0.6]) == "0.05-0.6"
+    assert safe_value({"image_size": 16}) == "image_size=16"
+    assert (safe_value(True), safe_value(None), safe_value(8.0), safe_value([])) == (
+        "true",
+        "null",
+        "8.0",
+        "empty",
+    )
+    a = cell_name({"data.root": "x" * 300 + "a", "seed": 0})
+    b = cell_name({"data.root": "x" * 300 + "b", "seed": 0})
+    assert len(a) == len(b) == 150 and a != b and SAFE_NAME.match(a)
+    assert a == cell_name({"data.root": "x" * 300 + "a", "seed": 0})
+
+
+def test_colliding_names_are_refused(tmp_path: Path):
+    path = write_study(tmp_path, axes={"data.root": ["a b", "a/b"], "seed": [0]})
+    with pytest.raises(ConfigError, match="same folder name"):
+        load_study(path)
+
+
+# ---------------------------------------------------------------- validation
+
+
+AXES = {"method": ["ce", "dscl"], "seed": [0, 1]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragments"),
+    [
+        ({"axes": AXES, "axis": {"seed": [0]}}, ["axis: unknown key"]),
+        ({"axes": AXES, "baseline": {"method": "supcon"}}, ["baseline.method", "supcon"]),
+        ({"axes": AXES, "baseline": {"pretrain.beta": 8}}, ["baseline.pretrain.beta"]),
+        ({"axes": AXES, "baseline": {"seed": 0}}, ["baseline.seed"]),
+        ({"axes": {"method": ["ce"], "seed": []}}, ["axes.seed", "empty axis"]),
+        ({"axes": {"method": "ce"}}, ["axes.method", "list"]),
+        ({"axes": {"seed": [0, 0]}}, ["axes.seed", "twice"]),
+        ({"axes": {}}, ["axes"]),
+        ({"axes": {"name": ["a"]}}, ["axes.name"]),
+        ({"axes": AXES, "overrides": {"pretrain.epochs": "x"}}, ["overrides", "pretrain.epochs"]),
+        ({"axes": AXES, "overrides": {"pretrain.epoch": 3}}, ["overrides", "pretrain.epoch"]),
+        ({"axes": AXES, "overrides": {"seed": 3}}, ["axes.seed", "also in overrides"]),
+        ({"axes": AXES, "overrides": {"name": "x"}}, ["overrides.name"]),
+        ({"axes": {"method": ["ce", "foo"]}}, ["cell method-foo", "method", "foo"]),
+        ({"axes": {"pretrain.beta": [-1.0]}}, ["cell pretrain.beta--1.0", "pretrain.beta"]),
+        ({"axes": AXES, "base": "no_such_config"}, ["base", "no_such_config"]),
+        ({"axes": AXES, "name": "a/b"}, ["name"]),
+    ],
+)
+def test_study_file_validation(tmp_path: Path, fields: dict, fragments: list[str]):
+    path = write_study(tmp_path, **fields)
+    with pytest.raises(ConfigError) as caught:
+        load_study(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: "), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_validation_error_is_one_line_exit_2(tmp_path: Path, capsys):
+    path = write_study(tmp_path, axes={"method": ["ce"], "seed": []})
+    assert main(["study", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "axes.seed" in err and str(path) in err
+    assert not (tmp_path / "runs").exists()  # nothing was created before validation
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(
+    ("df", "expected"), [(1, 12.706), (2, 4.303), (4, 2.776), (29, 2.045), (1000, 1.962)]
+)
+def test_t_quantile_table_values(df: int, expected: float):
+    assert student_t_quantile(0.975, df) == pytest.approx(expected, abs=6e-4)
+    assert student_t_quantile(0.025, df) == pytest.approx(-expected, abs=6e-4)
+
+
+def test_t_cdf_closed_forms():
+    for t in (-4.0, -0.3, 0.0, 1.0, 12.706):
+        # df = 1 is the Cauchy distribution; df = 2 has CDF 1/2 + t / (2 sqrt(2 + t^2))
+        assert student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)
+        closed = 0.5 + t / (2 * math.sqrt(2 + t * t))
+        assert student_t_cdf(t, 2) == pytest.approx(closed, abs=1e-13)
+    # df = 2 quantile in closed form: (2p - 1) / sqrt(2 p (1 - p))
+    assert student_t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(0.04875), abs=1e-10)
+    # I_0.4(2, 3) = P(Binomial(4, 0.4) >= 2) = 0.3456 + 0.1536 + 0.0256
+    assert regularized_incomplete_beta(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-13)
+
+
+def test_sample_std_and_interval():
+    assert sample_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx(math.sqrt(5 / 3))
+    assert sample_std([5.0]) is None and t_interval([5.0]) is None
+    low, high = t_interval([1.0, 3.0])  # mean 2, s = sqrt(2), half = 12.7062 * sqrt(2)/sqrt(2)
+    assert (low, high) == pytest.approx((2 - 12.7062047, 2 + 12.7062047), abs=1e-6)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_aggregation_against_hand_values(tmp_path: Path):
+    path = write_study(
+        tmp_path,
+        axes={"method": ["ce", "dscl"], "seed": [0, 1, 2]},
+        baseline={"method": "ce"},
+    )
+    study = load_study(path)
+    cells = by_name(study)
+    top1 = {"ce": [50.0, 52.0, 54.0], "dscl": [53.0, 52.0, 58.0]}
+    few = {"ce": [10.0, 20.0, 30.0], "dscl": [15.0, 20.0, 40.0]}
+    for method in ("ce", "dscl"):
+        for seed in range(3):
+            cell = cells[f"method-{method}_seed-{seed}"]
+            fabricate(study, cell, top1[method][seed], 70.0, None, few[method][seed])
+    states = {c.name: cell_state(study, c) for c in study.cells}
+    assert set(states.values()) == {"finished"}
+    results = aggregate(study, states)
+    assert results["missing"] == [] and results["finished"] == 6
+    ce, dscl = results["settings"]
+    assert ce["settings"] == {"method": "ce"} and ce["n"] == 3 and ce["seeds"] == [0, 1, 2]
+    assert ce["top1"]["mean"] == pytest.approx(52.0) and ce["top1"]["std"] == pytest.approx(2.0)
+    # dscl top-1: mean 163/3; squared deviations (16 + 49 + 121) / 9 = 186/9, over n - 1 = 2
+    assert dscl["top1"]["mean"] == pytest.approx(163 / 3)
+    assert dscl["top1"]["std"] == pytest.approx(math.sqrt(186 / 18))
+    assert dscl["many"]["mean"] == pytest.approx(70.0) and dscl["many"]["std"] == 0.0
+    assert dscl["medium"] == {"n": 0, "mean": None, "std": None, "values": []}
+    assert dscl["per_class"]["accuracy"] == pytest.approx([163 / 3, 163 / 6])
+    [paired] = results["paired"]
+    assert paired["settings"] == {"method": "dscl"} and len(paired["pairs"]) == 3
+    # top-1 differences 3, 0, 4: mean 7/3, s^2 = (4 + 49 + 25) / 9 / 2 = 13/3
+    diff = paired["top1"]
+    assert diff["values"] == [3.0, 0.0, 4.0]
+    assert diff["mean"] == pytest.approx(7 / 3) and diff["std"] == pytest.approx(math.sqrt(13 / 3))
+    half = 4.302653 * math.sqrt(13 / 3) / math.sqrt(3)
+    assert diff["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-5)
+    # few differences 5, 0, 10: mean 5, s = 5, half = 4.302653 * 5 / sqrt(3)
+    half = 4.302653 * 5 / math.sqrt(3)
+    assert paired["few"]["ci95"] == pytest.approx([5 - half, 5 + half], abs=1e-5)
+    assert paired["medium"]["mean"] is None and paired["medium"]["ci95"] is None
+
+    page_path = write_results(study, results)
+    page = page_path.read_text()
+    assert "| ce | 3 | 52.00 ± 2.00 | 70.00 ± 0.00 | — | 20.00 ± 10.00 |" in page
+    assert "| dscl | 3 | +2.33 ± 2.08 [-2.84, +7.50] |" in page
+    assert "1.5 s" in page and "processor x86_64, machine x86_64, 2 CPUs, torch 9.9" in page
+    assert "![per-class accuracy and group means](study.png)" in page
+    assert (study.study_dir / "study.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((study.study_dir / "results.json").read_text())
+    assert saved["paired"][0]["top1"]["values"] == [3.0, 0.0, 4.0]
+    write_results(study, aggregate(study, states))
+    assert page_path.read_text() == page  # deterministic
+
+    # an unfinished cell: two pairs (df = 1), then one pair (no interval)
+    (study.study_dir / "method-dscl_seed-2" / "metrics.json").unlink()
+    states = {c.name: cell_state(study, c) for c in study.cells}
+    results = aggregate(study, states)
+    assert results["missing"] == ["method-dscl_seed-2"]
+    diff = results["paired"][0]["top1"]
+    assert diff["mean"] == pytest.approx(1.5) and diff["std"] == pytest.approx(math.sqrt(4.5))
+    half = 12.706205 * math.sqrt(4.5) / math.sqrt(2)
+    assert diff["ci95"] == pytest.approx([1.5 - half, 1.5 + half], abs=1e-5)
+    (study.study_dir / "method-dscl_seed-1" / "metrics.json").unlink()
+    states = {c.name: cell_state(study, c) for c in study.cells}
+    diff = aggregate(study, states)["paired"][0]["top1"]
+    assert diff == {"n": 1, "mean": 3.0, "std": None, "ci95": None, "values": [3.0]}
+    page = write_results(study, aggregate(study, states)).read_text()
+    assert "Missing: `method-dscl_seed-1`, `method-dscl_seed-2`." in page
+
+
+def test_pairs_match_every_axis_outside_the_baseline(tmp_path: Path):
+    path = write_study(
+        tmp_path,
+        axes={"method": ["ce", "dscl"], "pretrain.beta": [2.0, 8.0], "seed": [0, 1]},
+        baseline={"method": "ce"},
+    )
+    study = load_study(path)
+    top1 = {
+        ("ce", 2.0): [10.0, 12.0],
+        ("ce", 8.0): [30.0, 34.0],
+        ("dscl", 2.0): [11.0, 15.0],
+        ("dscl", 8.0): [40.0, 40.0],
+    }
+    for cell in study.cells:
+        s = cell.settings
+        fabricate(study, cell, top1[(s["method"], s["pretrain.beta"])][s["seed"]])
+    results = aggregate(study, {c.name: cell_state(study, c) for c in study.cells})
+    assert [row["settings"] for row in results["settings"]] == [
+        {"method": "ce", "pretrain.beta": 2.0},
+        {"method": "ce", "pretrain.beta": 8.0},
+        {"method": "dscl", "pretrain.beta": 2.0},
+        {"method": "dscl", "pretrain.beta": 8.0},
+    ]
+    low, high = results["paired"]
+    assert low["settings"] == {"method": "dscl", "pretrain.beta": 2.0}
+    assert low["pairs"][1] == [
+        "method-dscl_pretrain.beta-2.0_seed-1",
+        "method-ce_pretrain.beta-2.0_seed-1",
+    ]
+    assert low["top1"]["values"] == [1.0, 3.0] and high["top1"]["values"] == [10.0, 6.0]
+    assert high["top1"]["mean"] == pytest.approx(8.0)
+    assert high["top1"]["std"] == pytest.approx(math.sqrt(8.0))
+
+
+# ---------------------------------------------------------------- changes, shards, flags
+
+
+def test_changed_study_is_refused(tmp_path: Path, capsys, monkeypatch):
+    axes = {"method": ["ce", "dscl"], "seed": [0]}
+    path = write_study(tmp_path, axes=axes, overrides={"pretrain.epochs": 3})
+    study = load_study(path)
+    for cell in study.cells:
+        fabricate(study, cell, 50.0)
+    assert run_study(str(path), report_only=True) == 0
+    # a new seed leaves the finished cells as they were: accepted, the new cells are missing
+    write_study(tmp_path, axes={**axes, "seed": [0, 1]}, overrides={"pretrain.epochs": 3})
+    assert run_study(str(path), report_only=True) == 0
+    assert "missing: method-ce_seed-1, method-dscl_seed-1" in capsys.readouterr().err
+    # another stage-1 budget would reinterpret them: refused, naming the cell and the key
+    write_study(tmp_path, axes=axes, overrides={"pretrain.epochs": 4})
+    with pytest.raises(ConfigError) as caught:
+        run_study(str(path), report_only=True)
+    message = str(caught.value)
+    assert "cell method-ce_seed-0" in message and "pretrain.epochs=3" in message
+    assert "pretrain.epochs=4" in message
+    assert main(["study", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    # an interrupted cell (stage-1 checkpoint, no metrics) is not resumed under other settings
+    (study.study_dir / "method-ce_seed-0" / "metrics.json").unlink()
+    (study.study_dir / "method-ce_seed-0" / "pretrain.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="was interrupted with pretrain.epochs=3.*delete"):
+        run_study(str(path), report_only=True)
+    fabricate(study, study.cells[0], 50.0)
+    # the same folder spelled another way (relative output_dir) is not a change
+    write_study(tmp_path, axes=axes, overrides={"pretrain.epochs": 3})
+    relative = tmp_path / "relative.yaml"
+    data = {"name": "s", "base": "fashion_mnist_lt", "axes": axes}
+    data["overrides"] = {"output_dir": "runs", "pretrain.epochs": 3}
+    relative.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    assert run_study(str(relative), report_only=True) == 0
+
+
+def test_shards_and_skipping(tmp_path: Path):
+    assert parse_shard("1/3") == (1, 3) and parse_shard(None) is None
+    for bad in ("3/3", "-1/2", "a/b", "1", "0/0"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad)
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon", "dscl+pbsd"]})
+    study = load_study(path)
+    cells = study.cells
+    assert [c.index for c in shard_cells(cells, (1, 3))] == [1]
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl"], "seed": [0, 1, 2, 3]})
+    cells = load_study(path).cells
+    assert [c.index for c in shard_cells(cells, (1, 3))] == [1, 4, 7]
+    assert [c.index for c in shard_cells(cells, (0, 3))] == [0, 3, 6]
+    assert len(shard_cells(cells, None)) == 8
+
+    ran: list[str] = []
+
+    def fake_runner(study, cell):
+        ran.append(cell.name)
+        fabricate(study, cell, 10.0 * cell.index)
+        return {}
+
+    assert run_study(str(path), shard="1/3", runner=fake_runner) == 0
+    assert ran == ["method-ce_seed-1", "method-dscl_seed-0", "method-dscl_seed-3"]
+    results = json.loads((tmp_path / "runs" / "s" / "results.json").read_text())
+    assert results["finished"] == 3 and len(results["missing"]) == 5
+    ran.clear()
+    assert run_study(str(path), runner=fake_runner) == 0  # the rest, finished ones skipped
+    assert ran == [c.name for c in cells if c.index not in (1, 4, 7)]
+    ran.clear()
+    assert run_study(str(path), runner=fake_runner) == 0
+    assert ran == []
+
+
+def test_cell_command_resumes_automatically_whatever_the_folder(tmp_path: Path):
+    study = load_study(write_study(tmp_path, axes={"method": ["ce"]}))
+    cell = study.cells[0]
+    folder = study.study_dir / cell.name
+    fresh = cell_command(study, cell, folder)
+    assert fresh[-3:] == [f"output_dir={study.study_dir}", "--resume", "auto"]
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config_to_yaml(cell.config))
+    assert cell_command(study, cell, folder) == fresh
+    (folder / "pretrain.pt").write_bytes(b"")
+    assert cell_command(study, cell, folder) == fresh
+    assert cell_state(study, cell) == "interrupted"
+
+
+def test_failed_cell_stops_with_its_log(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = {"data.name": "image_folder", "data.root": str(tmp_path / "nowhere")}
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl"]}, overrides=overrides)
+    assert main(["study", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "cell method-ce failed with exit code 2" in err
+    assert "dscl: error:" in err and "nowhere" in err  # the tail of the cell's log
+    assert (tmp_path / "runs" / "s" / "method-ce" / "stdout.log").is_file()
+    assert not (tmp_path / "runs" / "s" / "method-dscl").exists()  # stopped at the first
+
+
+def test_shipped_study_config_validates():
+    study = load_study("study_fashion_mnist_lt")
+    assert len(study.cells) == 15 and study.baseline == {"method": "ce"}
+    assert study.cells[-1].name == "method-dscl+pbsd_seed-2"
+    assert study.cells[0].config.data.class_order == 1
+    assert study.cells[0].config.pretrain.epochs == 40
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_study_end_to_end_then_rerun_skips(tmp_path: Path, monkeypatch, capsys):
+    """2 methods x 2 seeds on synthetic data; a re-run skips every cell, same RESULTS.md."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = write_study(
+        tmp_path,
+        name="tiny",
+        overrides=TINY,
+        axes={"method": ["ce", "dscl"], "seed": [0, 1]},
+        baseline={"method": "ce"},
+    )
+    assert main(["study", "--config", str(path)]) == 0
+    out = capsys.readouterr()
+    folder = tmp_path / "runs" / "tiny"
+    assert f"results: {folder / 'RESULTS.md'}" in out.out
+    assert "[4/4] method-dscl_seed-1: done" in out.err  # plain progress lines off a terminal
+    names = ["method-ce_seed-0", "method-ce_seed-1", "method-dscl_seed-0", "method-dscl_seed-1"]
+    top1 = {}
+    for name in names:
+        for file in ("metrics.json", "config.yaml", "cell.json", "stdout.log", "best.pt"):
+            assert (folder / name / file).is_file(), (name, file)
+        record = json.loads((folder / name / "cell.json").read_text())
+        assert record["wall_s"] > 0 and record["resumed"] is False
+        top1[name] = json.loads((folder / name / "metrics.json").read_text())["top1"]
+        assert "Top-1" in (folder / name / "stdout.log").read_text()
+    results = json.loads((folder / "results.json").read_text())
+    ce, dscl = results["settings"]
+    assert ce["top1"]["mean"] == pytest.approx((top1[names[0]] + top1[names[1]]) / 2)
+    diffs = [top1[names[2]] - top1[names[0]], top1[names[3]] - top1[names[1]]]
+    assert results["paired"][0]["top1"]["values"] == pytest.approx(diffs)
+    assert (folder / "study.png").is_file() and (folder / "study.yaml").is_file()
+    assert load_study(folder / "study.yaml").cells[0].config == load_study(path).cells[0].config
+    page = (folder / "RESULTS.md").read_bytes()
+    logs = {n: (folder / n / "stdout.log").read_bytes() for n in names}
+
+    assert main(["study", "--config", str(path)]) == 0
+    assert "running" not in capsys.readouterr().err
+    assert {n: (folder / n / "stdout.log").read_bytes() for n in names} == logs
+    assert (folder / "RESULTS.md").read_bytes() == page
+    assert main(["study", "--config", str(path), "--report-only"]) == 0
+    assert (folder / "RESULTS.md").read_bytes() == page
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_to_completion(tmp_path: Path):
+    """SIGKILL to the study's process group mid-cell; the same command then completes it."""
+    overrides = {**TINY, "pretrain.epochs": 4}
+    path = write_study(tmp_path, name="killed", overrides=overrides, axes={"method": ["supcon"]})
+    folder = tmp_path / "runs" / "killed" / "method-supcon"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "dscl.cli", "study", "--config", str(path)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "pretrain.pt").is_file():
+            assert proc.poll() is None, "the study ended before the cell wrote pretrain.pt"
+            assert time.monotonic() < deadline, "no pretrain.pt after 60 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    interrupted = not (folder / "metrics.json").is_file()
+    assert not (folder / "cell.json").is_file()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if interrupted:
+        assert "(resuming)" in done.stderr
+        record = json.loads((folder / "cell.json").read_text())
+        assert record["resumed"] is True and "--resume" in record["command"]
+        assert (folder / "stdout.log").read_text().count("==== dscl study killed") == 2
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert len(metrics["per_class"]) == 10
+    results = json.loads((tmp_path / "runs" / "killed" / "results.json").read_text())
+    assert results["finished"] == 1 and results["missing"] == []
