@@ -24,7 +24,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-test: lint
+# The real-data tests read Fashion-MNIST: install it the way the demo does, so they run in CI too.
+test: lint fashion-mnist
 	$(PY) -m pytest -q
 
 # Fashion-MNIST: the Debian package when we are root with apt, else torchvision's downloader.

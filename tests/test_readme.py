@@ -21,3 +21,27 @@ def test_readme_names_only_shipped_configs():
     shipped = {p.stem for p in (README.parent / "src/dscl/configs").glob("*.yaml")}
     named = set(re.findall(r"--config ([a-z0-9_]+)(?![.\w])", README.read_text()))
     assert named and named <= shipped, named - shipped
+
+
+def test_adding_a_method_example_trains_through_the_cli(tmp_path, monkeypatch):
+    """The README's "Adding a method" module, registered as written, runs with `dscl run`."""
+    from dscl.cli import main
+    from dscl.methods.registry import _BUILDERS
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (example,) = [b for b in blocks if "register_method" in b]
+    script = tmp_path / "focal.py"
+    script.write_text(example)
+    try:
+        runpy.run_path(str(script))
+        args = ["run", "--name", "focal", "method=focal", f"output_dir={tmp_path}"]
+        args += ["data.name=synthetic_lt", "data.extra={num_classes: 4, image_size: 8}"]
+        args += ["data.n_max=16", "data.imbalance_ratio=4", "data.val_per_class=2"]
+        args += ["data.image_size=8", "pretrain.epochs=1", "pretrain.batch_size=8"]
+        args += ["classifier.epochs=1", "classifier.batch_size=8", "progress=false"]
+        assert main(args) == 0
+    finally:
+        _BUILDERS.pop("focal", None)
+    log = (tmp_path / "focal" / "train_log.jsonl").read_text()
+    assert '"pt":' in log  # the method's own log value reached the training log
+    assert (tmp_path / "focal" / "metrics.json").is_file()

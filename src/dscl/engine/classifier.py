@@ -17,18 +17,9 @@ from dscl.config import config_to_dict
 from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics, predict_logits
 from dscl.engine.feed import TrainFeed, eval_batches
-from dscl.engine.loop import Optimization, run_epoch
-from dscl.engine.preemption import SaveSchedule, TrainingInterrupted
-from dscl.engine.pretrain import (
-    StageContext,
-    check_interval,
-    memory_format,
-    per_process_batch,
-    rank_states,
-    restore_rank_state,
-    resume_position,
-    sgd,
-)
+from dscl.engine.loop import Optimization
+from dscl.engine.pretrain import StageContext, memory_format, per_process_batch, sgd
+from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
@@ -81,7 +72,6 @@ def train_classifier(
         num_workers=cfg.data.num_workers,
         in_memory=cfg.data.batched_views,
     )
-    probe.wrap(lambda module: runtime.wrap_ddp(module, device))
     optimizer = sgd(probe, c.momentum, c.weight_decay)
     steps = feed.steps_per_epoch
     lr_at = runtime.multistep(
@@ -89,79 +79,40 @@ def train_classifier(
     )
     scaler = runtime.grad_scaler(device, ctx.amp)
     opt = Optimization(optimizer, lr_at, scaler, device, ctx.amp, fmt)
-    best_top1, best_path, last_path = -1.0, ctx.run_dir / BEST, ctx.run_dir / LAST
-    start_epoch, start_batch, position = 0, 0, None
-    if resume_state is not None:
-        probe.model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        position = restore_rank_state(resume_state, last_path)
-        start_epoch, start_batch = resume_position(resume_state, steps)
-        if start_batch == 0:  # the epoch ended: the next one starts its own augmentation
-            position = None
-        best_top1 = resume_state["best_top1"]
-        ctx.logger.info(
-            f"resuming stage 2 from {last_path} at epoch {start_epoch + 1}, step {start_batch + 1}"
-        )
-    schedule = SaveSchedule(
-        c.save_every_steps, cfg.save_every_minutes, ctx.stop, check_interval(ctx)
+    best_path, last_path = ctx.run_dir / BEST, ctx.run_dir / LAST
+    best = {"top1": resume_state["best_top1"] if resume_state is not None else -1.0}
+
+    def validate(epoch: int) -> dict | None:
+        """Validation metrics at evaluation epochs; best.pt when they are the best so far."""
+        if (epoch + 1) % c.eval_every and epoch != c.epochs - 1:
+            return None
+        metrics = evaluate_model(ctx, probe.model, val_batches)
+        val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
+        step = (epoch + 1) * steps - 1
+        ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | val)
+        ctx.logger.info(f"stage 2 epoch {epoch + 1}: validation top-1 {metrics['top1']:.2f}")
+        if metrics["top1"] > best["top1"]:
+            best["top1"] = metrics["top1"]
+            if dist.is_main_process():
+                save_checkpoint(classifier_state(ctx, probe.model, epoch, metrics), best_path)
+        return metrics
+
+    def state(epoch: int, val: dict | None) -> dict:
+        return classifier_state(ctx, probe.model, epoch, val) | {"best_top1": best["top1"]}
+
+    train_stage(
+        ctx,
+        probe,
+        feed,
+        opt,
+        label="stage 2",
+        epochs=c.epochs,
+        save_every_steps=c.save_every_steps,
+        checkpoint=last_path,
+        resume_state=resume_state,
+        make_state=state,
+        end_of_epoch=validate,
     )
-
-    def save(epoch: int, next_batch: int, val: dict | None = None) -> None:
-        ranks = rank_states(feed)
-        if dist.is_main_process():
-            state = classifier_state(ctx, probe.model, epoch, val)
-            if val is not None and val["top1"] > best_top1:
-                save_checkpoint(state, best_path)
-            state |= {
-                "next_batch": next_batch,
-                "optimizer": optimizer.state_dict(),
-                "ranks": ranks,
-                "best_top1": max(best_top1, val["top1"]) if val else best_top1,
-                "finished": epoch == c.epochs - 1 and next_batch == steps,
-            }
-            save_checkpoint(state, last_path, keep_previous=True)
-        schedule.saved()
-        dist.barrier()
-
-    for epoch in range(start_epoch, c.epochs):
-        first = start_batch if epoch == start_epoch else 0
-
-        def after_step(i: int, step: int, check_finite, epoch: int = epoch) -> bool:
-            save_now, stop = schedule.decide(step)
-            if save_now and i + 1 < steps:  # the end of the epoch is saved below
-                check_finite()
-                save(epoch, i + 1)
-            return stop
-
-        result = run_epoch(
-            probe,
-            feed.epoch(epoch, first, position if epoch == start_epoch else None),
-            opt,
-            epoch=epoch,
-            steps_per_epoch=steps,
-            logger=ctx.logger,
-            stage="classifier",
-            desc=f"stage 2 epoch {epoch + 1}/{c.epochs}",
-            log_every=cfg.log_every,
-            first_batch=first,
-            after_step=after_step,
-        )
-        done = first + result.steps
-        if done == steps:
-            metrics = None
-            if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
-                metrics = evaluate_model(ctx, probe.model, val_batches)
-                val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
-                step = (epoch + 1) * steps - 1
-                ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | val)
-                top1 = metrics["top1"]
-                ctx.logger.info(f"stage 2 epoch {epoch + 1}: validation top-1 {top1:.2f}")
-            save(epoch, steps, metrics)
-            if metrics is not None:
-                best_top1 = max(best_top1, metrics["top1"])
-        if result.stopped:
-            step = epoch * steps + done
-            raise TrainingInterrupted(schedule.signal_name, "stage 2", last_path, step)
     return best_path
 
 

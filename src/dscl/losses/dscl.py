@@ -15,7 +15,7 @@ from torch import Tensor, nn
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
@@ -26,7 +26,7 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def _check_embedding(name: str, tensor: Tensor, ndim: int) -> None:
+def check_embedding(name: str, tensor: Tensor, ndim: int) -> None:
     if not isinstance(tensor, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
@@ -44,9 +44,9 @@ def _check_labels(name: str, tensor: Tensor, size: int) -> None:
         raise ValueError(f"{name} must have shape ({size},), got {tuple(tensor.shape)}")
 
 
-def _check_queue(queue: Tensor, dim: int, queue_valid: Tensor | None) -> None:
+def check_queue(queue: Tensor, dim: int, queue_valid: Tensor | None) -> None:
     """Checks ``queue`` (K, D) and the optional ``queue_valid`` (K,) bool mask."""
-    _check_embedding("queue", queue, 2)
+    check_embedding("queue", queue, 2)
     if queue.shape[1] != dim:
         raise ValueError(f"queue must have D={dim} columns, got shape {tuple(queue.shape)}")
     if queue_valid is None:
@@ -59,7 +59,7 @@ def _check_queue(queue: Tensor, dim: int, queue_valid: Tensor | None) -> None:
         )
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 when any input is float64 (exact tests), float32 otherwise (fp16/bf16 cast up)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -82,7 +82,7 @@ def _contrast_log_prob(
     """
     # B batch, K queue, D dim
     batch, queue_size = query.shape[0], queue.shape[0]
-    dtype = _compute_dtype(query, key, queue)
+    dtype = compute_dtype(query, key, queue)
     query = query.to(dtype)
     if queue_valid is not None:
         # Zero never-written rows: masking the logits alone would let NaN or inf garbage there
@@ -139,8 +139,8 @@ def _check_contrast_inputs(
     queue_labels: Tensor,
     queue_valid: Tensor | None,
 ) -> None:
-    _check_embedding("query", query, 2)
-    _check_embedding("key", key, 2)
+    check_embedding("query", query, 2)
+    check_embedding("key", key, 2)
     if query.shape[0] == 0:
         raise ValueError("query must hold at least one row, got batch size 0")
     if key.shape != query.shape:
@@ -148,11 +148,62 @@ def _check_contrast_inputs(
             f"key must have the shape of query {tuple(query.shape)}, got {tuple(key.shape)}"
         )
     _check_labels("labels", labels, query.shape[0])
-    _check_queue(queue, query.shape[1], queue_valid)
+    check_queue(queue, query.shape[1], queue_valid)
     _check_labels("queue_labels", queue_labels, queue.shape[0])
 
 
-class DSCLLoss(nn.Module):
+class TemperatureLoss(nn.Module):
+    """Base of the losses here: a softmax temperature τ (``temperature``, > 0)."""
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class _PositiveWeightedLoss(TemperatureLoss):
+    """Shared forward of DSCL and SupCon: one contrast set, the positives weighted by
+    :meth:`combine`."""
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        labels: Tensor,
+        queue: Tensor,
+        queue_labels: Tensor,
+        queue_valid: Tensor | None = None,
+    ) -> Tensor:
+        """Computes the loss (L_dscl or L_scl).
+
+        Args:
+            query: (B, D) L2-normalised query embeddings q (the anchors).
+            key: (B, D) L2-normalised key embeddings k; k_i is q_i's augmentation positive.
+            labels: (B,) integer class labels y of the batch.
+            queue: (K, D) queued key embeddings, one entry per row; K may be 0.
+            queue_labels: (K,) integer labels of the queue entries.
+            queue_valid: (K,) bool, True for entries ever written; None means all valid.
+
+        Returns:
+            Scalar loss, float32 (float64 when an embedding input is float64), even under
+            autocast.
+        """
+        _check_contrast_inputs(query, key, labels, queue, queue_labels, queue_valid)
+        # B batch, K queue, D dim
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            key_log_prob, positive_sum, num_positive = _positive_terms(
+                query, key, labels, queue, queue_labels, queue_valid, self.temperature
+            )  # (B,) each
+            return self.combine(key_log_prob, positive_sum, num_positive).mean()
+
+    def combine(self, key_log_prob: Tensor, positive_sum: Tensor, num_positive: Tensor) -> Tensor:
+        """(B,) per-anchor losses from log p_i(k_i), Σ_{a∈P_i} log p_i(a) and |P_i| (each (B,))."""
+        raise NotImplementedError
+
+
+class DSCLLoss(_PositiveWeightedLoss):
     """Decoupled supervised contrastive loss (paper Eq. 6 in the β form of docs/DESIGN.md §2.6).
 
     For anchor q_i with contrast set A(i) = {q_j : j != i} ∪ {k_j : all j} ∪ {valid queue rows},
@@ -176,8 +227,7 @@ class DSCLLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.07, beta: float = 8.0) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
+        super().__init__(temperature)
         if (
             isinstance(beta, bool)
             or not isinstance(beta, (int, float))
@@ -190,47 +240,18 @@ class DSCLLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, beta={self.beta}"
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        labels: Tensor,
-        queue: Tensor,
-        queue_labels: Tensor,
-        queue_valid: Tensor | None = None,
-    ) -> Tensor:
-        """Computes L_dscl.
-
-        Args:
-            query: (B, D) L2-normalised query embeddings q (the anchors).
-            key: (B, D) L2-normalised key embeddings k; k_i is q_i's augmentation positive.
-            labels: (B,) integer class labels y of the batch.
-            queue: (K, D) queued key embeddings, one entry per row; K may be 0.
-            queue_labels: (K,) integer labels of the queue entries.
-            queue_valid: (K,) bool, True for entries ever written; None means all valid.
-
-        Returns:
-            Scalar loss, float32 (float64 when an embedding input is float64), even under
-            autocast.
-        """
-        _check_contrast_inputs(query, key, labels, queue, queue_labels, queue_valid)
-        # B batch, K queue, D dim
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            key_log_prob, positive_sum, num_positive = _positive_terms(
-                query, key, labels, queue, queue_labels, queue_valid, self.temperature
-            )  # (B,) each
-            positive_mean = positive_sum / num_positive.clamp(min=1)  # (B,)
-            # Weight α = 1/(1+β) on k_i when P_i is non-empty, 1 when it is empty.
-            key_weight = torch.where(
-                num_positive > 0,
-                torch.full_like(key_log_prob, 1.0 / (1.0 + self.beta)),
-                torch.ones_like(key_log_prob),
-            )
-            loss = -(key_weight * key_log_prob + (1.0 - key_weight) * positive_mean)  # (B,)
-            return loss.mean()
+    def combine(self, key_log_prob: Tensor, positive_sum: Tensor, num_positive: Tensor) -> Tensor:
+        positive_mean = positive_sum / num_positive.clamp(min=1)  # (B,)
+        # Weight α = 1/(1+β) on k_i when P_i is non-empty, 1 when it is empty.
+        key_weight = torch.where(
+            num_positive > 0,
+            torch.full_like(key_log_prob, 1.0 / (1.0 + self.beta)),
+            torch.ones_like(key_log_prob),
+        )
+        return -(key_weight * key_log_prob + (1.0 - key_weight) * positive_mean)  # (B,)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_PositiveWeightedLoss):
     """Supervised contrastive loss (SCL baseline, Khosla et al. 2020, with a MoCo-style queue).
 
     Same contrast set A(i) and positives P_i as :class:`DSCLLoss`; every positive in
@@ -245,28 +266,5 @@ class SupConLoss(nn.Module):
         temperature: τ, softmax temperature, > 0.
     """
 
-    def __init__(self, temperature: float = 0.07) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
-
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        labels: Tensor,
-        queue: Tensor,
-        queue_labels: Tensor,
-        queue_valid: Tensor | None = None,
-    ) -> Tensor:
-        """Computes L_scl; arguments and return value as in :meth:`DSCLLoss.forward`."""
-        _check_contrast_inputs(query, key, labels, queue, queue_labels, queue_valid)
-        # B batch, K queue, D dim
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            key_log_prob, positive_sum, num_positive = _positive_terms(
-                query, key, labels, queue, queue_labels, queue_valid, self.temperature
-            )  # (B,) each
-            loss = -(key_log_prob + positive_sum) / (num_positive + 1)  # (B,)
-            return loss.mean()
+    def combine(self, key_log_prob: Tensor, positive_sum: Tensor, num_positive: Tensor) -> Tensor:
+        return -(key_log_prob + positive_sum) / (num_positive + 1)  # (B,)

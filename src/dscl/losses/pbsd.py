@@ -6,12 +6,12 @@ Imports nothing from the rest of ``dscl`` but the argument checks of its sibling
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .dscl import _check_embedding, _check_queue, _check_temperature, _compute_dtype
+from .dscl import TemperatureLoss, check_embedding, check_queue, compute_dtype
 
 
-class PBSDLoss(nn.Module):
+class PBSDLoss(TemperatureLoss):
     """Patch-based self distillation: the patch's similarity distribution follows the teacher's.
 
     For sample i and patch j, over the per-sample set C_i = {k_i} ∪ {valid queue rows} (its own
@@ -30,13 +30,6 @@ class PBSDLoss(nn.Module):
     Args:
         temperature: τ, softmax temperature, > 0.
     """
-
-    def __init__(self, temperature: float = 0.07) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
 
     def forward(
         self,
@@ -60,9 +53,9 @@ class PBSDLoss(nn.Module):
             Scalar loss, float32 (float64 when an embedding input is float64), even under
             autocast.
         """
-        _check_embedding("teacher", teacher, 3)
-        _check_embedding("student", student, 3)
-        _check_embedding("key", key, 2)
+        check_embedding("teacher", teacher, 3)
+        check_embedding("student", student, 3)
+        check_embedding("key", key, 2)
         if student.shape != teacher.shape:
             raise ValueError(
                 f"student must have the shape of teacher {tuple(teacher.shape)}, "
@@ -74,11 +67,11 @@ class PBSDLoss(nn.Module):
             raise ValueError(
                 f"key must have shape (B, D) = {tuple(teacher.shape[1:])}, got {tuple(key.shape)}"
             )
-        _check_queue(queue, key.shape[1], queue_valid)
+        check_queue(queue, key.shape[1], queue_valid)
 
         # L patches, B batch, K queue, D dim
         with torch.autocast(device_type=key.device.type, enabled=False):
-            dtype = _compute_dtype(teacher, student, key, queue)
+            dtype = compute_dtype(teacher, student, key, queue)
             key = key.to(dtype)
             queue = queue.to(dtype)
             if queue_valid is not None:

@@ -1,0 +1,159 @@
+"""A training stage's epochs: resuming, mid-epoch checkpoints and stopping on a signal.
+
+Stage 1 and stage 2 both run :func:`train_stage`; they differ only in the method, the feed, the
+schedule and what their checkpoint holds besides the training state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dscl import dist
+from dscl.checkpoint import save_checkpoint
+from dscl.engine import runtime
+from dscl.engine.feed import TrainFeed
+from dscl.engine.loop import Optimization, run_epoch
+from dscl.engine.preemption import SaveSchedule
+from dscl.errors import CheckpointError, TrainingInterrupted
+from dscl.methods import Method
+
+
+def check_interval(ctx) -> int:
+    """Steps between agreements on stop requests: every step on a CPU, where it costs nothing;
+    at the logging cadence on a GPU, where it waits for the device."""
+    return 1 if ctx.device.type == "cpu" else ctx.cfg.log_every
+
+
+def rank_states(feed: TrainFeed) -> list[dict]:
+    """Every process's RNG state and augmentation position, for rank 0 to save."""
+    return dist.gather_objects({"rng": runtime.rng_state(), "feed": feed.position()})
+
+
+def restore_rank_state(state: dict, path: Path) -> torch.Tensor | None:
+    """Set this process's RNG from a checkpoint; return its saved augmentation position."""
+    ranks, world = state.get("ranks"), dist.get_world_size()
+    if ranks is None:  # an epoch-end checkpoint of an older version: one RNG state
+        runtime.set_rng_state(state["rng"])
+        return None
+    if len(ranks) != world:
+        raise CheckpointError(
+            f"{path}: written by {len(ranks)} process(es), resumed with {world}; resume with "
+            f"the same number of processes"
+        )
+    mine = ranks[dist.get_rank()]
+    runtime.set_rng_state(mine["rng"])
+    return mine["feed"]
+
+
+def resume_position(state: dict, steps_per_epoch: int) -> tuple[int, int]:
+    """``(epoch, batch)`` where a checkpoint's run goes on."""
+    epoch, next_batch = state["epoch"], state.get("next_batch", steps_per_epoch)
+    return (epoch + 1, 0) if next_batch >= steps_per_epoch else (epoch, next_batch)
+
+
+def train_stage(
+    ctx,
+    method: Method,
+    feed: TrainFeed,
+    opt: Optimization,
+    *,
+    label: str,
+    epochs: int,
+    save_every_steps: int,
+    checkpoint: Path,
+    resume_state: dict[str, Any] | None,
+    make_state: Callable[[int, dict | None], dict[str, Any]],
+    end_of_epoch: Callable[[int], dict | None] | None = None,
+) -> None:
+    """Train ``method`` for ``epochs`` epochs, from ``resume_state`` when given.
+
+    The stage's ``checkpoint`` is written (rank 0, previous copy kept) at the end of every epoch,
+    every ``save_every_steps`` steps, every ``cfg.save_every_minutes`` and when a stop is
+    requested: ``make_state(epoch, val)`` plus the training state (epoch, next batch, optimizer,
+    scaler, every rank's RNG and augmentation position, finished).
+
+    Args:
+        ctx: the :class:`~dscl.engine.pretrain.StageContext`.
+        method: the method to train (its model on the device already).
+        feed: the stage's training batches.
+        opt: optimizer, schedule, scaler, device, precision, memory format.
+        label: "stage 1" or "stage 2", for messages and the progress bar.
+        epochs: the stage's epochs.
+        save_every_steps: mid-epoch checkpoint cadence (0: none).
+        checkpoint: the file the training state goes to.
+        resume_state: a checkpoint of this stage to continue, or None.
+        make_state: the checkpoint's content besides the training state.
+        end_of_epoch: called after each whole epoch (validation); its result is passed to
+            ``make_state``.
+
+    Raises:
+        TrainingInterrupted: a stop was requested; the checkpoint is written.
+    """
+    steps = feed.steps_per_epoch
+    start_epoch, start_batch, position = 0, 0, None
+    if resume_state is not None:
+        method.model.load_state_dict(resume_state["model"])
+        opt.optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("scaler"):  # empty when the run had no loss scaling
+            opt.scaler.load_state_dict(resume_state["scaler"])
+        position = restore_rank_state(resume_state, checkpoint)
+        start_epoch, start_batch = resume_position(resume_state, steps)
+        if start_batch == 0:  # the epoch ended: the next one starts its own augmentation
+            position = None
+        ctx.logger.info(
+            f"resuming {label} from {checkpoint} at epoch {start_epoch + 1}, step {start_batch + 1}"
+        )
+    else:
+        method.start_training()
+    method.wrap(lambda module: runtime.wrap_ddp(module, ctx.device))
+    every_minutes = ctx.cfg.save_every_minutes
+    schedule = SaveSchedule(save_every_steps, every_minutes, ctx.stop, check_interval(ctx))
+
+    def save(epoch: int, next_batch: int, val: dict | None = None) -> None:
+        ranks = rank_states(feed)
+        if dist.is_main_process():
+            state = make_state(epoch, val) | {
+                "epoch": epoch,
+                "next_batch": next_batch,
+                "optimizer": opt.optimizer.state_dict(),
+                "scaler": opt.scaler.state_dict(),
+                "ranks": ranks,
+                "finished": epoch == epochs - 1 and next_batch == steps,
+            }
+            save_checkpoint(state, checkpoint, keep_previous=True)
+        schedule.saved()
+        dist.barrier()
+
+    for epoch in range(start_epoch, epochs):
+        first = start_batch if epoch == start_epoch else 0
+
+        def after_step(i: int, step: int, check_finite, epoch: int = epoch) -> bool:
+            save_now, stop = schedule.decide(step)
+            if save_now and i + 1 < steps:  # the end of the epoch is saved below
+                check_finite()
+                save(epoch, i + 1)
+            return stop
+
+        result = run_epoch(
+            method,
+            feed.epoch(epoch, first, position if epoch == start_epoch else None),
+            opt,
+            epoch=epoch,
+            steps_per_epoch=steps,
+            logger=ctx.logger,
+            stage="pretrain" if label == "stage 1" else "classifier",
+            desc=f"{label} epoch {epoch + 1}/{epochs}",
+            log_every=ctx.cfg.log_every,
+            first_batch=first,
+            after_step=after_step,
+        )
+        done = first + result.steps
+        if done == steps:
+            save(epoch, steps, end_of_epoch(epoch) if end_of_epoch is not None else None)
+        if result.stopped:
+            step = epoch * steps + done
+            raise TrainingInterrupted(schedule.signal_name, label, checkpoint, step)
