@@ -93,7 +93,9 @@ def test_lr_follows_the_schedule_by_global_step():
         opt,
         epoch=1,
         steps_per_epoch=3,
-        after_step=lambda i, step, check: seen.append((i, step, opt.optimizer.param_groups[0]["lr"])),
+        after_step=lambda i, step, check: seen.append(
+            (i, step, opt.optimizer.param_groups[0]["lr"])
+        ),
     )
     assert seen == [(0, 3, 0.4), (1, 4, 0.5), (2, 5, 0.6)]
 
