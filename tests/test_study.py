@@ -460,7 +460,8 @@ def test_shipped_study_config_validates():
     assert len(study.cells) == 15 and study.baseline == {"method": "ce"}
     assert study.cells[-1].name == "method-dscl+pbsd_seed-2"
     assert study.cells[0].config.data.class_order == 1
-    assert study.cells[0].config.pretrain.epochs == 40
+    assert study.cells[0].config.pretrain.epochs == 30
+    assert study.cells[0].config.pretrain.knn_every == 5
 
 
 # ---------------------------------------------------------------- end to end

@@ -76,6 +76,7 @@ class PretrainConfig:
     encoder_momentum: float = 0.999  # EMA of the key encoder
     label_smoothing: float = 0.0  # only for method "ce"
     save_every_steps: int = 0  # mid-epoch checkpoint every this many steps (0: epoch ends only)
+    knn_every: int = 0  # kNN monitor on the validation split every this many epochs (0: off)
 
 
 @dataclass
@@ -164,6 +165,7 @@ class RunConfig:
             "data.num_workers": self.data.num_workers,
             "save_every_minutes": self.save_every_minutes,
             "pretrain.save_every_steps": self.pretrain.save_every_steps,
+            "pretrain.knn_every": self.pretrain.knn_every,
             "classifier.save_every_steps": self.classifier.save_every_steps,
             "data.val_per_class": self.data.val_per_class,
             "data.few_threshold": self.data.few_threshold,
@@ -446,6 +448,7 @@ RUNTIME_KEYS = frozenset(
         "progress",
         "save_every_minutes",
         "pretrain.save_every_steps",
+        "pretrain.knn_every",
         "classifier.save_every_steps",
         "data.root",
         "data.download",

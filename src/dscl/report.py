@@ -13,11 +13,10 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from dscl.checkpoint import atomic_write
 from dscl.data.shots import SHOT_GROUPS, assign_shot_groups
 
 GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
@@ -77,7 +76,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"<title>dscl report: {html.escape(run_dir.resolve().name)}</title>"
         f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-    return _write_atomic(run_dir / "report.html", page)
+    return atomic_write(run_dir / "report.html", page)
 
 
 def _read_metrics(path: Path) -> tuple[dict | None, str]:
@@ -274,18 +273,3 @@ def _curve_figures(records: list[dict], which: str) -> list:
                 ax.legend(fontsize=8)
         figures.append(fig)
     return figures
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".report-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path

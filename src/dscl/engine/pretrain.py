@@ -16,7 +16,9 @@ from dscl import dist
 from dscl.checkpoint import git_commit
 from dscl.config import RunConfig, config_to_dict
 from dscl.engine import runtime
-from dscl.engine.feed import TrainFeed
+from dscl.engine.evaluate import classification_metrics
+from dscl.engine.feed import TrainFeed, eval_batches
+from dscl.engine.knn import KnnMonitor
 from dscl.engine.loop import Optimization
 from dscl.engine.preemption import StopSignals
 from dscl.engine.stage import train_stage
@@ -93,6 +95,23 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
             "git_commit": git_commit(),
         }
 
+    monitor = knn_monitor(ctx) if p.knn_every > 0 else None
+
+    def end_of_epoch(epoch: int) -> None:
+        """The kNN monitor, every ``knn_every`` epochs and after the last (rank 0)."""
+        if monitor is None or not dist.is_main_process():
+            return None
+        if (epoch + 1) % p.knn_every and epoch != p.epochs - 1:
+            return None
+        values = monitor(method.backbone())
+        step = (epoch + 1) * steps - 1
+        ctx.logger.log({"stage": "pretrain", "epoch": epoch, "step": step} | values)
+        ctx.logger.info(
+            f"stage 1 epoch {epoch + 1}: kNN validation top-1 {values['val_knn_top1']:.2f} "
+            f"({values['knn_seconds']:.1f} s)"
+        )
+        return None
+
     train_stage(
         ctx,
         method,
@@ -104,5 +123,36 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
         checkpoint=ckpt_path,
         resume_state=resume_state,
         make_state=state,
+        end_of_epoch=end_of_epoch,
     )
     return ckpt_path
+
+
+def knn_monitor(ctx: StageContext) -> KnnMonitor | None:
+    """The kNN monitor over this run's training set (bank) and validation split."""
+    d, splits = ctx.cfg.data, ctx.splits
+    if len(splits.val) == 0:
+        ctx.logger.info("kNN monitor off: the validation split is empty")
+        return None
+
+    def batches(dataset):
+        return eval_batches(
+            dataset,
+            ctx.view_cfg,
+            batch_size=256,
+            device=ctx.device,
+            num_workers=d.num_workers,
+            in_memory=d.batched_views,
+        )
+
+    def score(logits, targets):
+        return classification_metrics(
+            logits,
+            targets,
+            splits.class_counts,
+            many_threshold=d.many_threshold,
+            few_threshold=d.few_threshold,
+        )
+
+    bank, val = batches(splits.train), batches(splits.val)
+    return KnnMonitor(bank, val, splits.num_classes, score, ctx.device, ctx.amp)

@@ -75,7 +75,11 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def set_threads(threads: int | None) -> None:
     """Share the cores between local processes unless told otherwise (two processes each using
-    all cores halve each other's speed)."""
+    all cores halve each other's speed). Without ``threads``, a positive ``OMP_NUM_THREADS`` in
+    the environment is followed (e.g. two study shards side by side with one thread each)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if threads is None and env.isdigit() and int(env) > 0:
+        threads = int(env)
     if threads is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = max(1, (os.cpu_count() or 1) // local)

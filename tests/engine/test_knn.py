@@ -1,0 +1,78 @@
+"""The kNN monitor: votes equal a slow loop written from the definition; the monitor runs in
+stage 1 and leaves training unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dscl.checkpoint import load_checkpoint
+from dscl.cli import main
+from dscl.engine.knn import knn_class_scores
+
+
+def slow_knn(bank, bank_labels, queries, num_classes, k, temperature):
+    out = []
+    for q in queries.tolist():
+        sims = [sum(a * b for a, b in zip(q, row, strict=True)) for row in bank.tolist()]
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * num_classes
+        for i in order:
+            votes[int(bank_labels[i])] += math.exp(sims[i] / temperature)
+        out.append(votes)
+    return torch.tensor(out)
+
+
+def test_votes_equal_a_slow_reference_loop():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(50, 8, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    queries = F.normalize(torch.randn(7, 8, generator=g, dtype=torch.float64), dim=1)
+    for k, chunk in ((5, 3), (20, 1024), (80, 2)):  # k above the bank size takes the whole bank
+        fast = knn_class_scores(bank, labels, queries, 4, k=k, temperature=0.07, chunk=chunk)
+        slow = slow_knn(bank, labels, queries, 4, min(k, 50), 0.07).float()
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
+
+
+def test_hand_computed_case():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])  # similarities 1, 0, 0.6
+    scores = knn_class_scores(bank, labels, query, 2, k=2, temperature=0.5)
+    expected = torch.tensor([[math.exp(2.0), math.exp(1.2)]])  # neighbours: rows 0 and 2
+    torch.testing.assert_close(scores, expected)
+
+
+def tiny(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={tmp_path}",
+        "data.name=synthetic_lt",
+        "data.extra={num_classes: 4, image_size: 8}",
+        "data.n_max=24",
+        "data.imbalance_ratio=4",
+        "data.val_per_class=3",
+        "data.image_size=8",
+        "pretrain.epochs=2",
+        "pretrain.batch_size=8",
+        "pretrain.queue_size=16",
+        "progress=false",
+        *extra,
+    ]
+
+
+def test_monitor_logs_curves_and_changes_nothing(tmp_path: Path):
+    assert main(["pretrain", "--name", "on", *tiny(tmp_path, "pretrain.knn_every=1")]) == 0
+    assert main(["pretrain", "--name", "off", *tiny(tmp_path)]) == 0
+    records = [
+        json.loads(x) for x in (tmp_path / "on" / "train_log.jsonl").read_text().splitlines()
+    ]
+    knn = [r for r in records if "val_knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1]
+    assert all(0 <= r["val_knn_top1"] <= 100 and r["knn_seconds"] >= 0 for r in knn)
+    on, off = (load_checkpoint(tmp_path / n / "pretrain.pt")["model"] for n in ("on", "off"))
+    for key, value in on.items():
+        assert torch.equal(value, off[key]), key  # the monitor draws no random numbers
