@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks, as one short script for a lent GPU machine (run from the repository root):
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+# 1. stage-1 throughput, phase split, peak memory and compute limit at the demo, CIFAR and
+#    ImageNet settings, bf16 autocast and full precision;
+# 2. a short `dscl run` on CUDA (synthetic data: nothing to download) end to end, plus the tests
+#    that need a GPU (nccl collectives).
+# Prints everything; writes the tables and the run folder under OUT_DIR (default: gpu_check/).
+set -euo pipefail
+out="${1:-gpu_check}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+"$py" -m pip install -q --no-deps -e . 2>/dev/null || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+for amp in bf16 off; do
+  "$py" benchmarks/throughput.py --device cuda --amp "$amp" --setting demo --setting cifar \
+    --setting imagenet --steps 10 --epochs 3 --batch-size 256 | tee "$out/throughput_$amp.md"
+done
+"$py" -m dscl.cli run --name gpu_smoke output_dir="$out" device=cuda progress=false \
+  data.name=synthetic_lt "data.extra={num_classes: 10, image_size: 32}" data.n_max=200 \
+  data.imbalance_ratio=20 data.image_size=32 pretrain.epochs=3 pretrain.batch_size=128 \
+  pretrain.queue_size=512 classifier.epochs=2 classifier.batch_size=128 \
+  pretrain.save_every_steps=5 | tee "$out/run.txt"
+"$py" -m pytest -q tests/test_dist.py tests/engine 2>&1 | tail -3 | tee "$out/tests.txt"
