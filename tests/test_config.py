@@ -217,3 +217,14 @@ def test_config_errors_are_user_errors(tmp_path):
     folder.mkdir()
     with pytest.raises(ConfigError, match=r"folder\.yaml"):
         build_config(folder)
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain:\n  weight_decay: 5e-4\n")  # YAML 1.1 reads this as text
+    assert build_config(path).pretrain.weight_decay == 5e-4
+    assert build_config(None, ["pretrain.base_lr=1E+1"]).pretrain.base_lr == 10.0
+    with pytest.raises(ConfigError, match="pretrain.epochs: expected an integer"):
+        build_config(None, ["pretrain.epochs=5e2"])
+    with pytest.raises(ConfigError, match="pretrain.base_lr: expected a number"):
+        build_config(None, ["pretrain.base_lr=5e"])

@@ -53,7 +53,8 @@ def atomic_write(
 ) -> Path:
     """Write a file atomically: a temporary file in the same folder, fsync, then a rename.
 
-    A crash or a full disk mid-write leaves the previous file intact and no temporary behind.
+    A crash or a full disk mid-write leaves the previous file intact (a SIGKILL mid-write can
+    leave the temporary file; resuming the run folder removes it).
 
     Args:
         path: the file to (re)place; its folder is created if needed.
@@ -81,12 +82,26 @@ def atomic_write(
             verify(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
         if keep_previous and path.is_file():
-            os.replace(path, previous_path(path))
+            _keep_previous(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _keep_previous(path: Path) -> None:
+    """Make ``previous_path(path)`` a copy of ``path`` while ``path`` itself stays in place (a
+    hard link renamed over the old previous file), so some readable checkpoint exists at every
+    moment; where hard links are not supported, ``path`` is moved instead."""
+    link = path.with_name(f".{path.name}.prev-link.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous_path(path))
+        return
+    os.replace(link, previous_path(path))
 
 
 def previous_path(path: str | Path) -> Path:

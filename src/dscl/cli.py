@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         again = [a for a in argv if not a.startswith("--resume")]
         print(
             f"dscl: {stop}; checkpoint {stop.checkpoint}. Resume with: dscl "
-            f"{' '.join(again)} --resume",
+            f"{shlex.join(again)} --resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -202,6 +203,10 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise RunFolderError(f"{run_dir}: run folder is not writable ({err.strerror})") from None
+    if resume and os.environ.get("RANK", "0") == "0":
+        # a process killed while writing leaves its temporary file (atomic_write's) behind
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     # Under torchrun only rank 0 clears the folder (the process group does not exist yet, so read
     # the rank from the environment): another rank deleting files could remove rank 0's new log.
     if overwrite and not resume and os.environ.get("RANK", "0") == "0":

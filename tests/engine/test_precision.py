@@ -29,4 +29,3 @@ def test_bf16_on_a_cpu_with_native_support_is_quiet(monkeypatch, capsys):
         monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
         assert runtime.amp_dtype("bf16", CPU) == torch.bfloat16
         assert capsys.readouterr().err == ""
-

@@ -171,6 +171,9 @@ class TrainFeed:
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # its own generator: the loader's seed draw must not advance the global RNG, or a
+            # resumed epoch would continue with another RNG state than an uninterrupted one
+            generator=torch.Generator().manual_seed(base),
         )
         for sample, labels in loader:
             if self.kind == VIEWS:
