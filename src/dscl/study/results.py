@@ -320,7 +320,7 @@ def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = 
 
     out += ["## Commands", "", "The study (`--shard i/n` splits it over machines):", ""]
     out += ["```", f"dscl study --config {study.study_dir / 'study.yaml'}", "```", ""]
-    out += ["Each cell (the study adds `--resume` to continue an interrupted one):", ""]
+    out += ["Each cell (`--resume auto` continues an interrupted cell and starts a fresh one):", ""]
     out.append("```")
     out += [display_command(cell_command(study, cell)) for cell in study.cells]
     out += ["```", ""]

@@ -159,6 +159,17 @@ def _shown(value: Any) -> str:
     return "(absent)" if value is ABSENT else value_text(value)
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), where platform.processor() is empty."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     """The machine a cell ran on (no host name)."""
     try:
@@ -166,7 +177,7 @@ def machine_info() -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         torch_version = None
     return {
-        "processor": platform.processor() or None,
+        "processor": _cpu_model() or platform.processor() or None,
         "machine": platform.machine() or None,
         "system": platform.system() or None,
         "cpus": os.cpu_count(),
