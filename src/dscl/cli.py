@@ -1,7 +1,10 @@
-"""The ``dscl`` command: pretrain, classify, evaluate, run, report, predict, export, config.
+"""The ``dscl`` command: pretrain, classify, evaluate, run, report, predict, export, config, study.
 
-User errors (bad config, bad data, wrong checkpoint, unusable run folder) print one line and exit
-with code 2, checked before any training starts. ``DSCL_DEBUG=1`` shows the traceback instead.
+Exit codes: 0 done; 2 a user error (``dscl.errors.UserError``: bad config, bad data, a checkpoint
+that does not fit, an unusable run folder, a missing device), printed as one line and checked
+before any training starts (``DSCL_DEBUG=1`` shows the traceback instead); 75 a stage stopped by
+SIGTERM/SIGINT after writing its checkpoint; 1 a non-finite loss, a failed report, or a bug (with
+its traceback).
 """
 
 from __future__ import annotations

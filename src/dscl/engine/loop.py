@@ -130,7 +130,7 @@ def run_epoch(
     start = time.perf_counter()
     seen, done, values, stopped = 0, 0, {}, False
     nonfinite = None  # (,) bool tensor: a non-finite loss since the last check
-    pending: list = []  # (global step, loss, logs) not yet checked
+    pending: list = []  # (global step, StepOutput) whose loss is not yet checked
     iterator = iter(batches)
     if times is not None:
         times.lap("other")
