@@ -39,29 +39,10 @@ from dscl.cli import main
 from dscl.config import config_from_dict
 from dscl.engine.feed import TrainFeed
 from dscl.errors import EXIT_INTERRUPTED, CheckpointError
+from tiny_run import TINY as CLI_TINY
 
-# the tiny synthetic long-tailed dataset of tests/test_cli.py (159 training images)
-TINY = [
-    "data.name=synthetic_lt",
-    "data.n_max=40",
-    "data.imbalance_ratio=10",
-    "data.image_size=16",
-    "data.val_per_class=4",
-    "data.extra={image_size: 16, test_per_class: 10}",
-    "data.many_threshold=30",
-    "data.few_threshold=10",
-    "pretrain.epochs=1",
-    "pretrain.batch_size=32",
-    "pretrain.queue_size=64",
-    "pretrain.warmup_epochs=0",
-    "classifier.epochs=2",
-    "classifier.batch_size=32",
-    "classifier.base_lr=0.5",
-    "classifier.milestones=[1]",
-    "log_every=1",
-    "progress=false",
-    "threads=1",
-]
+# the tiny synthetic long-tailed dataset of the CLI tests, without progress output
+TINY = [*CLI_TINY, "progress=false"]
 # small batches: 19 steps per epoch, 2 epochs per stage; a checkpoint every second step in
 # stage 1 (6 MB each) and after every step in stage 2
 FT = [
