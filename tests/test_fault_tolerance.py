@@ -42,7 +42,7 @@ from dscl.errors import EXIT_INTERRUPTED, CheckpointError
 from tiny_run import TINY as CLI_TINY
 
 # the tiny synthetic long-tailed dataset of the CLI tests, without progress output
-TINY = [*CLI_TINY, "progress=false"]
+TINY = [*CLI_TINY, "progress=false", "threads=1"]  # one thread in and out of process
 # small batches: 19 steps per epoch, 2 epochs per stage; a checkpoint every second step in
 # stage 1 (6 MB each) and after every step in stage 2
 FT = [
