@@ -15,10 +15,8 @@ from dscl import dist
 from dscl.checkpoint import git_commit, read_classifier, save_checkpoint, write_json
 from dscl.config import config_to_dict
 from dscl.engine import runtime
-from dscl.engine.evaluate import classification_metrics, predict_logits
-from dscl.engine.feed import TrainFeed, eval_batches
-from dscl.engine.loop import Optimization
-from dscl.engine.pretrain import StageContext, memory_format, per_process_batch, sgd
+from dscl.engine.evaluate import predict_logits
+from dscl.engine.pretrain import StageContext, memory_format
 from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe
@@ -47,38 +45,19 @@ def train_classifier(
     cfg, c, device = ctx.cfg, ctx.cfg.classifier, ctx.device
     if resume_state is None:
         start_from_stage1_rng(stage1)
-    batch_size = per_process_batch(c.batch_size, "classifier.batch_size")
     backbone = build_backbone(cfg.model.backbone)
     backbone.load_state_dict(stage1["backbone"])
     probe = LinearProbe(backbone, ctx.splits.num_classes, c.bn_mode)
-    fmt = memory_format(cfg)
-    probe.model.to(device, memory_format=fmt)
-    feed = TrainFeed(
-        ctx.splits.train,
-        kind=probe.feed_kind,
-        view_cfg=ctx.view_cfg,
-        batch_size=batch_size,
-        balanced=c.balanced,
-        seed=cfg.seed + 1,
-        device=device,
-        num_workers=cfg.data.num_workers,
-        in_memory=cfg.data.batched_views,
+    probe.model.to(device, memory_format=memory_format(cfg))
+    feed = ctx.train_feed(
+        probe.feed_kind, c.batch_size, "classifier.batch_size", c.balanced, cfg.seed + 1
     )
-    val_batches = eval_batches(
-        ctx.splits.val,
-        ctx.view_cfg,
-        batch_size=256,
-        device=device,
-        num_workers=cfg.data.num_workers,
-        in_memory=cfg.data.batched_views,
-    )
-    optimizer = sgd(probe, c.momentum, c.weight_decay)
+    val_batches = ctx.eval_batches(ctx.splits.val)
     steps = feed.steps_per_epoch
     lr_at = runtime.multistep(
         c.base_lr * c.batch_size / 2048, c.epochs, steps, c.milestones, c.gamma
     )
-    scaler = runtime.grad_scaler(device, ctx.amp)
-    opt = Optimization(optimizer, lr_at, scaler, device, ctx.amp, fmt)
+    opt = ctx.optimization(probe, lr_at, c.momentum, c.weight_decay)
     best_path, last_path = ctx.run_dir / BEST, ctx.run_dir / LAST
     best = {"top1": resume_state["best_top1"] if resume_state is not None else -1.0}
 
@@ -132,15 +111,8 @@ def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict
 
 def evaluate_model(ctx: StageContext, model: nn.Module, batches) -> dict[str, Any]:
     """Metrics of ``model`` over ``batches`` against the training class counts."""
-    d = ctx.cfg.data
     logits, targets = predict_logits(model, batches, ctx.device, amp_dtype=ctx.amp)
-    return classification_metrics(
-        logits,
-        targets,
-        ctx.splits.class_counts,
-        many_threshold=d.many_threshold,
-        few_threshold=d.few_threshold,
-    )
+    return ctx.metrics(logits, targets)
 
 
 def evaluate_checkpoint(
@@ -160,15 +132,7 @@ def evaluate_checkpoint(
         )
     model = model.to(ctx.device)
     dataset = {"test": ctx.splits.test, "val": ctx.splits.val}[split]
-    batches = eval_batches(
-        dataset,
-        ctx.view_cfg,
-        batch_size=256,
-        device=ctx.device,
-        num_workers=cfg.data.num_workers,
-        in_memory=cfg.data.batched_views,
-    )
-    metrics = evaluate_model(ctx, model, batches)
+    metrics = evaluate_model(ctx, model, ctx.eval_batches(dataset))
     metrics |= {
         "split": split,
         "epoch": state["epoch"],

@@ -41,6 +41,52 @@ class StageContext:
     logger: runtime.RunLogger
     stop: StopSignals | None = None  # stop requests (SIGTERM/SIGINT) while training
 
+    def train_feed(self, kind: str, batch_size: int, key: str, balanced: bool, seed: int):
+        """Training batches of ``kind`` for the global ``batch_size`` (setting ``key``)."""
+        d = self.cfg.data
+        return TrainFeed(
+            self.splits.train,
+            kind=kind,
+            view_cfg=self.view_cfg,
+            batch_size=per_process_batch(batch_size, key),
+            balanced=balanced,
+            seed=seed,
+            device=self.device,
+            num_workers=d.num_workers,
+            in_memory=d.batched_views,
+        )
+
+    def eval_batches(self, dataset):
+        """Deterministic evaluation batches over a whole split."""
+        d = self.cfg.data
+        return eval_batches(
+            dataset,
+            self.view_cfg,
+            batch_size=256,
+            device=self.device,
+            num_workers=d.num_workers,
+            in_memory=d.batched_views,
+        )
+
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Top-k, Many/Medium/Few and per-class accuracy against the training class counts."""
+        d = self.cfg.data
+        return classification_metrics(
+            logits,
+            targets,
+            self.splits.class_counts,
+            many_threshold=d.many_threshold,
+            few_threshold=d.few_threshold,
+        )
+
+    def optimization(self, method: Method, lr_at, momentum: float, weight_decay: float):
+        """SGD over the method's trainable parameters (lr set every step from ``lr_at``), the
+        loss scaler, precision and memory format of this run."""
+        params = method.trainable_parameters()
+        sgd = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+        scaler = runtime.grad_scaler(self.device, self.amp)
+        return Optimization(sgd, lr_at, scaler, self.device, self.amp, memory_format(self.cfg))
+
 
 def per_process_batch(batch_size: int, key: str) -> int:
     """The batch of one process for the global ``batch_size`` (setting ``key``)."""
@@ -54,35 +100,16 @@ def memory_format(cfg: RunConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def sgd(method: Method, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over the method's trainable parameters; the lr is set every step from a schedule."""
-    params = method.trainable_parameters()
-    return torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
-
-
 def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     """Run stage 1 (from ``resume_state``, see :func:`dscl.checkpoint.read_stage1`, when given)
     and return the path of its checkpoint."""
     cfg, p, device = ctx.cfg, ctx.cfg.pretrain, ctx.device
     method = build_method(cfg, ctx.splits.num_classes)
-    fmt = memory_format(cfg)
-    method.model.to(device, memory_format=fmt)
-    feed = TrainFeed(
-        ctx.splits.train,
-        kind=method.feed_kind,
-        view_cfg=ctx.view_cfg,
-        batch_size=per_process_batch(p.batch_size, "pretrain.batch_size"),
-        balanced=False,
-        seed=cfg.seed,
-        device=device,
-        num_workers=cfg.data.num_workers,
-        in_memory=cfg.data.batched_views,
-    )
-    optimizer = sgd(method, p.momentum, p.weight_decay)
+    method.model.to(device, memory_format=memory_format(cfg))
+    feed = ctx.train_feed(method.feed_kind, p.batch_size, "pretrain.batch_size", False, cfg.seed)
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)
-    scaler = runtime.grad_scaler(device, ctx.amp)
-    opt = Optimization(optimizer, lr_at, scaler, device, ctx.amp, fmt)
+    opt = ctx.optimization(method, lr_at, p.momentum, p.weight_decay)
     ckpt_path = ctx.run_dir / PRETRAIN_CHECKPOINT
 
     def state(epoch: int, val: dict | None) -> dict:
@@ -130,29 +157,9 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
 
 def knn_monitor(ctx: StageContext) -> KnnMonitor | None:
     """The kNN monitor over this run's training set (bank) and validation split."""
-    d, splits = ctx.cfg.data, ctx.splits
+    splits = ctx.splits
     if len(splits.val) == 0:
         ctx.logger.info("kNN monitor off: the validation split is empty")
         return None
-
-    def batches(dataset):
-        return eval_batches(
-            dataset,
-            ctx.view_cfg,
-            batch_size=256,
-            device=ctx.device,
-            num_workers=d.num_workers,
-            in_memory=d.batched_views,
-        )
-
-    def score(logits, targets):
-        return classification_metrics(
-            logits,
-            targets,
-            splits.class_counts,
-            many_threshold=d.many_threshold,
-            few_threshold=d.few_threshold,
-        )
-
-    bank, val = batches(splits.train), batches(splits.val)
-    return KnnMonitor(bank, val, splits.num_classes, score, ctx.device, ctx.amp)
+    bank, val = ctx.eval_batches(splits.train), ctx.eval_batches(splits.val)
+    return KnnMonitor(bank, val, splits.num_classes, ctx.metrics, ctx.device, ctx.amp)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dscl import dist
+from dscl.cpuinfo import cpu_flags
 
 
 def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
@@ -40,18 +41,6 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # bf16 autocast without native support (AVX2 only), measured here against fp32: 13x slower.
 EMULATED_BF16_SLOWDOWN = 13
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def cpu_has_native_bf16() -> bool:

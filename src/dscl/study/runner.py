@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from dscl.config import config_to_dict
+from dscl.cpuinfo import cpu_model
 from dscl.errors import ConfigError, RunFolderError
 from dscl.study.spec import Cell, Study, value_text
 
@@ -159,17 +160,6 @@ def _shown(value: Any) -> str:
     return "(absent)" if value is ABSENT else value_text(value)
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), where platform.processor() is empty."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def machine_info() -> dict[str, Any]:
     """The machine a cell ran on (no host name)."""
     try:
@@ -177,7 +167,7 @@ def machine_info() -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         torch_version = None
     return {
-        "processor": _cpu_model() or platform.processor() or None,
+        "processor": cpu_model() or platform.processor() or None,
         "machine": platform.machine() or None,
         "system": platform.system() or None,
         "cpus": os.cpu_count(),
