@@ -103,7 +103,8 @@ def test_color_ops_match_torchvision():
     torch.testing.assert_close(color_ops.gaussian_blur(x, sigmas, 5), expected, atol=ATOL, rtol=0)
 
 
-def test_apply_color_uses_each_images_own_order_and_masks():
+@pytest.mark.parametrize("masked", [False, True])
+def test_apply_color_uses_each_images_own_order_and_masks(masked):
     torch.manual_seed(1)
     x = torch.rand(3, 3, 8, 8)
     params = color_ops.ColorParams(
@@ -128,8 +129,24 @@ def test_apply_color_uses_each_images_own_order_and_masks():
             img = TF.gaussian_blur(img, [3, 3], [float(params.sigma[i])] * 2)
         expected.append(img)
     torch.testing.assert_close(
-        color_ops.apply_color(x, params, 3), torch.stack(expected), atol=1e-5, rtol=0
+        color_ops.apply_color(x, params, 3, masked=masked), torch.stack(expected), atol=1e-5, rtol=0
     )
+
+
+def test_masked_colour_path_equals_subset_path_without_reading_the_selection(monkeypatch):
+    """The accelerator path (whole batch + torch.where) gives the CPU path's images and never
+    calls nonzero, which would make the host wait for the device."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 12, 12, generator=gen)
+    params = color_ops.draw_color(64, 0.1, 0.8, 0.2, 0.5, gen, torch.device("cpu"))
+    subset = color_ops.apply_color(x, params, 3, masked=False)
+
+    def no_nonzero(*args, **kwargs):
+        raise AssertionError("nonzero called on the masked path")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_nonzero)
+    masked = color_ops.apply_color(x, params, 3, masked=True)
+    torch.testing.assert_close(masked, subset, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- geometry primitives

@@ -11,6 +11,7 @@ than blurs it (the 8-9 px patches of 28-32 px views).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -120,18 +121,42 @@ def blur_kernel_size(size: int, min_size: int) -> int:
     return max(3, k + 1 - k % 2)
 
 
-def apply_color(x: Tensor, params: ColorParams, blur_kernel: int) -> Tensor:
-    """Jitter (per-image random op order), grayscale, blur of (N, 3, H, W) images in [0, 1]."""
+def apply_color(
+    x: Tensor, params: ColorParams, blur_kernel: int, masked: bool | None = None
+) -> Tensor:
+    """Jitter (per-image random op order), grayscale, blur of (N, 3, H, W) images in [0, 1].
+
+    Two equivalent ways to apply an op to the images that draw it: on a CPU the op runs on the
+    selected images only (``nonzero``, free there); on an accelerator it runs on the whole batch
+    and ``torch.where`` keeps its result where selected, so the views never wait for the device
+    (``nonzero`` must read the device's count back). ``masked`` forces one way (tests).
+    """
+    if masked is None:
+        masked = x.device.type != "cpu"
+    apply = _apply_where if masked else _apply_subset
     x = x.clone()
     for step in range(4):
         for op in range(4 if params.use_hue else 3):
-            idx = (params.jitter & (params.order[:, step] == op)).nonzero()[:, 0]
-            if idx.numel():
-                x[idx] = _JITTER_OPS[op](x[idx], params.factors[idx, op])
-    idx = params.gray.nonzero()[:, 0]
-    if idx.numel():
-        x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
-    idx = params.blur.nonzero()[:, 0]
-    if blur_kernel and idx.numel():
-        x[idx] = gaussian_blur(x[idx], params.sigma[idx], blur_kernel)
+            selected = params.jitter & (params.order[:, step] == op)
+            x = apply(x, selected, _JITTER_OPS[op], params.factors[:, op])
+    x = apply(x, params.gray, _gray3, None)
+    if blur_kernel:
+        x = apply(x, params.blur, partial(gaussian_blur, kernel=blur_kernel), params.sigma)
     return x
+
+
+def _gray3(x: Tensor, _: Tensor | None) -> Tensor:
+    return grayscale(x).expand(-1, 3, -1, -1)
+
+
+def _apply_subset(x: Tensor, selected: Tensor, op, values: Tensor | None) -> Tensor:
+    """x with ``op`` applied in place to the selected images (reads the selection on the host)."""
+    idx = selected.nonzero()[:, 0]
+    if idx.numel():
+        x[idx] = op(x[idx], None if values is None else values[idx])
+    return x
+
+
+def _apply_where(x: Tensor, selected: Tensor, op, values: Tensor | None) -> Tensor:
+    """x with ``op`` applied to every image and kept where selected (no host read)."""
+    return torch.where(selected.view(-1, 1, 1, 1), op(x, values), x)
