@@ -15,6 +15,10 @@ divided by limit images/s.
     python benchmarks/throughput.py                        # demo and cifar settings, on a CPU
     python benchmarks/throughput.py --setting imagenet --steps 2 --epochs 1
     python benchmarks/throughput.py --setting cifar --setting imagenet --device cuda --amp bf16
+    python benchmarks/throughput.py --setting demo --compile   # torch.compile, as compile=true
+
+"one-off s" is the warm-up epoch's time beyond a steady epoch of the same steps: kernel
+selection and, with --compile, the compile itself (the limit is then measured compiled too).
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def build(setting: str, args, device: torch.device):
     method = build_method(cfg, 10)
     fmt = torch.channels_last if not args.no_channels_last else torch.contiguous_format
     method.model.to(device, memory_format=fmt)
+    if args.compile:  # what `dscl pretrain compile=true` does
+        runtime.compile_for_training(method.compile_targets(), device)
     method.start_training()
     optimizer = torch.optim.SGD(
         method.trainable_parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4
@@ -87,7 +93,7 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
     """Images/s of run_epoch (median over epochs after one warm-up epoch) and the phase split."""
     _, _, feed, method, opt, batch = build(setting, args, device)
     steps = feed.steps_per_epoch
-    speeds, times = [], None
+    speeds, times, warmup = [], None, 0.0
     for epoch in range(args.epochs + 1):
         timer = StepTimes(device) if epoch > 0 and args.phases else None
         if device.type == "cuda":
@@ -96,7 +102,9 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
         run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps, times=timer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if epoch > 0:  # the first epoch warms up (allocator, oneDNN kernels, cuDNN autotuning)
+        if epoch == 0:  # warms up (allocator, oneDNN kernels, cuDNN autotuning, compile)
+            warmup = time.perf_counter() - start
+        else:
             speeds.append(steps * batch / (time.perf_counter() - start))
             if timer is not None:
                 times = timer if times is None else _merge(times, timer)
@@ -104,7 +112,10 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
     if times is not None:
         total = sum(times.seconds.get(p, 0.0) for p in PHASES)
         split = {p: times.seconds.get(p, 0.0) / total for p in PHASES}
-    return {"images_per_s": statistics.median(speeds), "split": split, "batch": batch}
+    rate = statistics.median(speeds)
+    # the warm-up epoch's time beyond a steady epoch: one-off costs such as compiling
+    extra = warmup - steps * batch / rate
+    return {"images_per_s": rate, "split": split, "batch": batch, "warmup_extra_s": extra}
 
 
 def _merge(a: StepTimes, b: StepTimes) -> StepTimes:
@@ -166,19 +177,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--no-phases", dest="phases", action="store_false")
+    parser.add_argument("--compile", action="store_true", help="as compile=true in a config")
     args = parser.parse_args()
     runtime.set_threads(args.threads)
     device = runtime.select_device(args.device)
     print(
         f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}, amp={args.amp}, "
-        f"method {args.method}",
+        f"method {args.method}, compile={args.compile}",
         flush=True,
     )
     header = "| setting | backbone | view/patch px | batch | images/s | limit images/s | share "
-    header += "of limit | data | forward | backward | update | peak memory GiB |"
+    header += "of limit | data | forward | backward | update | peak memory GiB | one-off s |"
     print(header)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for setting in args.setting or ["demo", "cifar"]:
         backbone, view, patch, _, _ = SETTINGS[setting]
         trained = measure_training(setting, args, device)
@@ -189,7 +201,7 @@ def main() -> None:
             f"| {setting} | {backbone} | {view}/{patch} | {trained['batch']} | "
             f"{trained['images_per_s']:.1f} | {limit:.1f} | "
             f"{100 * trained['images_per_s'] / limit:.0f}% | " + " | ".join(cells) + " | "
-            f"{peak_memory_gib(device):.2f} |",
+            f"{peak_memory_gib(device):.2f} | {trained['warmup_extra_s']:.1f} |",
             flush=True,
         )
     sys.stdout.flush()

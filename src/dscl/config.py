@@ -106,6 +106,9 @@ class RunConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 on GPU), "off", "bf16", "fp16"
     channels_last: bool = True
+    # torch.compile the stage-1 encoders' training forward (eval passes stay eager). Costs a
+    # compile of a minute or more at the first steps; see the README for when it pays off.
+    compile: bool = False
     threads: int | None = None  # torch CPU threads; None: all cores / local processes
     log_every: int = 20  # steps between log lines
     # also write the stage's checkpoint when this many minutes passed since the last one (0: off);
@@ -449,6 +452,7 @@ RUNTIME_KEYS = frozenset(
         "output_dir",
         "device",
         "threads",
+        "compile",
         "log_every",
         "progress",
         "save_every_minutes",

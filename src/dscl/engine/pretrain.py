@@ -106,6 +106,9 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     cfg, p, device = ctx.cfg, ctx.cfg.pretrain, ctx.device
     method = build_method(cfg, ctx.splits.num_classes)
     method.model.to(device, memory_format=memory_format(cfg))
+    if cfg.compile:
+        runtime.compile_for_training(method.compile_targets(), device)
+        ctx.logger.info("compile=true: the first steps compile the encoders (a minute or more)")
     feed = ctx.train_feed(method.feed_kind, p.batch_size, "pretrain.batch_size", False, cfg.seed)
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from dscl import dist
 from dscl.cpuinfo import cpu_flags
+from dscl.errors import SetupError
 
 
 def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
@@ -79,6 +81,29 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compile_for_training(modules: Iterable[torch.nn.Module], device: torch.device) -> None:
+    """Route each module's forward through ``torch.compile`` while the module is in training
+    mode; evaluation passes (``module.eval()``: kNN monitor, stage 2, tests) stay eager, so they
+    cost no compile of their own. Parameters and state-dict keys are unchanged.
+
+    Shapes are static (``dynamic=False``): training batches have one size (the last partial batch
+    is dropped), and each input size (views, patches) is compiled once.
+    """
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")):
+        raise SetupError(
+            "compile: torch.compile needs a C++ compiler on a CPU and none was found "
+            "(install g++ or set compile=false)"
+        )
+    for module in modules:
+        eager = module.forward
+        compiled = torch.compile(eager, dynamic=False)
+
+        def forward(*args, _m=module, _eager=eager, _compiled=compiled, **kwargs):
+            return (_compiled if _m.training else _eager)(*args, **kwargs)
+
+        module.forward = forward
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -71,6 +71,10 @@ class Method:
     def after_step(self) -> None:
         """Work after the optimizer step (momentum-encoder update, enqueueing keys, ...)."""
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules whose training forward ``compile=true`` hands to ``torch.compile``."""
+        return [self.backbone()]
+
     def backbone(self) -> nn.Module:
         """The backbone whose weights stage 2 keeps and ``dscl export`` writes."""
         return self.model.backbone

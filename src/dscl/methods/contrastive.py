@@ -82,6 +82,9 @@ class Contrastive(Method):
         self.model.queue.enqueue(keys.detach().float(), labels)
         self._keys = None
 
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.model.query_encoder.backbone, self.model.momentum_encoder.backbone]
+
     def backbone(self) -> nn.Module:
         return self.model.query_encoder.backbone
 
