@@ -139,8 +139,9 @@ class TrainFeed:
             g.set_state(generator_state)
         self.generator = g
         cfg = self.view_cfg
+        idx = idx.to(self.device)  # one copy per epoch, not one per batch
         for step in range(start, self.steps_per_epoch):
-            batch_idx = idx[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
+            batch_idx = idx[step * self.batch_size : (step + 1) * self.batch_size]
             images = self.images[batch_idx]  # (B, 3, H, W) uint8
             labels = self.labels_on_device[batch_idx]
             if self.kind == VIEWS:
