@@ -469,7 +469,7 @@ def measure_authors(
 # ------------------------------------------------------------------------ this project's side
 
 
-def measure_dscl(setting: str, *, threads: int, device: str) -> dict:
+def measure_dscl(setting: str, *, threads: int, device: str, extra: tuple[str, ...] = ()) -> dict:
     """This project's stage-1 images/s for ``setting``: ``dscl pretrain`` for two epochs in a
     subprocess, then ``images_per_sec`` of the last logged record of the second epoch (epoch 1),
     which is the mean over that epoch including the data path."""
@@ -497,6 +497,7 @@ def measure_dscl(setting: str, *, threads: int, device: str) -> dict:
         ]
         if device != "auto":
             command.append(f"device={device}")
+        command += extra  # e.g. compile=true (epoch 0 then holds the compile; epoch 1 is timed)
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -558,6 +559,13 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--side", choices=("both", "authors", "dscl"), default="both")
+    parser.add_argument(
+        "--dscl-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for this project's side, e.g. compile=true (repeatable)",
+    )
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -614,7 +622,9 @@ def main() -> None:
                     flush=True,
                 )
             if args.side in ("both", "dscl"):
-                row["dscl"] = measure_dscl(setting, threads=threads, device=args.device)
+                row["dscl"] = measure_dscl(
+                    setting, threads=threads, device=args.device, extra=tuple(args.dscl_set)
+                )
                 print(
                     f"{setting}: dscl {row['dscl']['images_per_s']:.1f} images/s "
                     f"({row['dscl']['wall_s']:.0f} s)",
@@ -631,6 +641,7 @@ def main() -> None:
     print(
         f"authors: median of {args.steps} steps after {args.warmup} (one loader worker); "
         "dscl: mean images/s of its 2nd epoch from train_log.jsonl"
+        + (f" (with {' '.join(args.dscl_set)})" if args.dscl_set else "")
     )
     print(
         f"{'setting':<8} {'view/patch':>10} {'authors img/s':>14} {'dscl img/s':>11} "
