@@ -53,8 +53,9 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``setting``.
 
     ``auto`` is bf16 on a GPU and full precision on a CPU: bf16 on a CPU is faster only where it
-    is native, and whether it trains as well there is not settled (see the README). An explicit
-    ``bf16`` on a CPU without native bf16 warns once that it is emulated and much slower.
+    is native (AMX), and three paired seeds did not show it to train as well there
+    (docs/bf16_parity/RESULTS.md: top-1 -2.33 +- 5.46 points, outside the +-1 criterion). An
+    explicit ``bf16`` on a CPU without native bf16 warns once that it is emulated and much slower.
     """
     if setting == "off":
         return None
