@@ -2,7 +2,7 @@
 # The GPU checks, as one short script for a lent GPU machine (run from the repository root):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. stage-1 throughput, phase split, peak memory and compute limit at the demo, CIFAR and
-#    ImageNet settings, bf16 autocast and full precision;
+#    ImageNet settings, bf16 autocast and full precision, and bf16 with torch.compile;
 # 2. a short `dscl run` on CUDA (synthetic data: nothing to download) end to end, plus the tests
 #    that need a GPU (nccl collectives).
 # Prints everything; writes the tables and the run folder under OUT_DIR (default: gpu_check/).
@@ -16,6 +16,10 @@ for amp in bf16 off; do
   "$py" benchmarks/throughput.py --device cuda --amp "$amp" --setting demo --setting cifar \
     --setting imagenet --steps 10 --epochs 3 --batch-size 256 | tee "$out/throughput_$amp.md"
 done
+# torch.compile (compile=true) in bf16 at the CIFAR and ImageNet settings: the one-off column is
+# the compile, images/s against the bf16 table above gives what it buys on this GPU.
+"$py" benchmarks/throughput.py --device cuda --amp bf16 --setting cifar --setting imagenet \
+  --steps 10 --epochs 3 --batch-size 256 --compile --no-phases | tee "$out/throughput_compile.md"
 "$py" -m dscl.cli run --name gpu_smoke output_dir="$out" device=cuda progress=false \
   data.name=synthetic_lt "data.extra={num_classes: 10, image_size: 32}" data.n_max=200 \
   data.imbalance_ratio=20 data.image_size=32 pretrain.epochs=3 pretrain.batch_size=128 \
