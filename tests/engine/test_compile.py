@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -24,6 +26,10 @@ from dscl.models.backbones import _REGISTRY, Backbone, register_backbone
 from tiny_run import tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+# torch.compile on a CPU builds C++ (inductor); without a compiler only the error is tested
+needs_cxx = pytest.mark.skipif(
+    not (os.environ.get("CXX") or shutil.which("g++")), reason="torch.compile needs g++ on a CPU"
+)
 
 
 class TwoLayer(Backbone):
@@ -68,6 +74,7 @@ def train(method, steps: int = 3):
     run_epoch(method, [Views(g) for _ in range(steps)], opt, epoch=0, steps_per_epoch=steps)
 
 
+@needs_cxx
 def test_compiled_training_matches_eager_and_evaluation_stays_eager(two_layer):
     torch.manual_seed(0)
     cfg = RunConfig(method="dscl+pbsd")
@@ -105,6 +112,7 @@ def test_compile_without_a_cxx_compiler_is_a_setup_error(monkeypatch):
         runtime.compile_for_training([nn.Linear(2, 2)], torch.device("cpu"))
 
 
+@needs_cxx
 def test_run_with_compile_and_resume_auto_without_it(two_layer, tmp_path):
     """A run trained with compile=true finishes; asking for the same run without compile is
     the same config (compile is a runtime key): --resume auto finds it finished."""
