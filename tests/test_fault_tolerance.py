@@ -39,6 +39,7 @@ from dscl.cli import main
 from dscl.config import config_from_dict
 from dscl.engine.feed import TrainFeed
 from dscl.errors import EXIT_INTERRUPTED, CheckpointError
+from dscl.study.runner import stop_process
 from tiny_run import TINY as CLI_TINY
 
 # the tiny synthetic long-tailed dataset of the CLI tests, without progress output
@@ -161,13 +162,7 @@ def stopped_at_exit(proc: subprocess.Popen):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def dscl(*argv: str) -> list[str]:

@@ -233,6 +233,19 @@ class CellFailed(RuntimeError):
         self.cell, self.returncode, self.log = cell, returncode, log
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """End ``proc`` if it still runs: SIGTERM (a run then saves its checkpoint), and SIGKILL if
+    it has not exited within ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     """Run one unfinished cell as a subprocess; write and return its ``cell.json`` record.
 
@@ -256,12 +269,7 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
         try:
             returncode = proc.wait()
         except BaseException:  # Ctrl-C or an error here: do not leave the run behind
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             raise
     wall = time.perf_counter() - start
     if returncode != 0:
