@@ -134,3 +134,103 @@ def hand_problem() -> dict[str, Tensor]:
         "queue_labels": torch.tensor([1, 0]),
         "queue_valid": torch.tensor([True, False]),
     }
+
+
+# ------------------------------------------------------------------ peer methods: BCL and PaCo
+
+
+def bcl_reference(view1, view2, labels, prototypes, temperature):
+    """L_bcl (BCL, class-averaged and class-complemented) by a loop over the 2B anchors.
+
+    Members: the 2B view embeddings (label y_b) and the C prototypes (label c). For anchor i
+    every other member is in the contrast set; a class's exponentials are averaged over its
+    members in that set; the positives are the members of the anchor's class.
+    """
+    batch, num_classes = view1.shape[0], prototypes.shape[0]
+    members = [(view1[b], int(labels[b])) for b in range(batch)]
+    members += [(view2[b], int(labels[b])) for b in range(batch)]
+    members += [(prototypes[c], c) for c in range(num_classes)]
+    losses = []
+    for i in range(2 * batch):
+        anchor, label = members[i]
+        by_class = {}  # class -> list of logits of its members in the contrast set
+        for j, (member, member_label) in enumerate(members):
+            if j != i:
+                by_class.setdefault(member_label, []).append(_dot(anchor, member) / temperature)
+        log_z = math.log(
+            math.fsum(math.fsum(math.exp(x) for x in xs) / len(xs) for xs in by_class.values())
+        )
+        positives = [x - log_z for x in by_class[label]]
+        losses.append(-math.fsum(positives) / len(positives))
+    return math.fsum(losses) / len(losses)
+
+
+def logit_adjusted_ce_reference(logits, labels, class_counts, tau):
+    """mean_i -log softmax(logits_i + tau log prior)[y_i], by loops."""
+    total = math.fsum(float(n) for n in class_counts)
+    log_prior = [math.log(float(n) / total) for n in class_counts]
+    terms = []
+    for i in range(logits.shape[0]):
+        adjusted = [float(logits[i, c]) + tau * log_prior[c] for c in range(logits.shape[1])]
+        log_z = math.log(math.fsum(math.exp(x) for x in adjusted))
+        terms.append(log_z - adjusted[int(labels[i])])
+    return math.fsum(terms) / len(terms)
+
+
+def paco_reference(
+    query,
+    key,
+    labels,
+    queue,
+    queue_labels,
+    queue_valid,
+    sup_logits,
+    class_counts,
+    temperature,
+    alpha,
+    beta,
+    gamma,
+):
+    """L_paco by a loop over anchors: centres (classifier logits, + log(prior + 1e-9) when
+    class_counts is given) and the contrast set A(i) of DSCL (other queries, all keys, valid
+    queue); positives: the own centre (weight beta) and same-class members of A(i) (alpha)."""
+    num_classes = sup_logits.shape[1]
+    if class_counts is None:
+        log_prior = [0.0] * num_classes
+    else:
+        total = math.fsum(float(n) for n in class_counts)
+        log_prior = [math.log(float(n) / total + 1e-9) for n in class_counts]
+    losses = []
+    for i in range(query.shape[0]):
+        centres = [float(sup_logits[i, c]) + log_prior[c] for c in range(num_classes)]
+        members = _members(query, key, labels, queue, queue_labels, queue_valid, i, temperature)
+        z = math.fsum(math.exp(x) for x in centres)
+        z += gamma * math.fsum(math.exp(logit) for logit, _, _ in members)
+        log_z = math.log(z)
+        y = int(labels[i])
+        weighted = [beta * (centres[y] - log_z)]
+        weights = [beta]
+        for logit, label, _ in members:
+            if label == y:
+                weighted.append(alpha * (logit - log_z))
+                weights.append(alpha)
+        losses.append(-math.fsum(weighted) / math.fsum(weights))
+    return math.fsum(losses) / len(losses)
+
+
+def make_bcl_problem(batch: int, num_classes: int, seed: int, dim: int = 3) -> dict:
+    """Random float64 BCL inputs: two views (B, D), labels (B,), prototypes (C, D), logits
+    (B, C) and class counts (C,); every embedding L2-normalised."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
+    return {
+        "view1": unit(batch, dim),
+        "view2": unit(batch, dim),
+        "labels": torch.randint(num_classes, (batch,), generator=gen),
+        "prototypes": unit(num_classes, dim),
+        "logits": 3 * torch.randn(batch, num_classes, generator=gen, dtype=torch.float64),
+        "class_counts": torch.randint(1, 500, (num_classes,), generator=gen).tolist(),
+    }
