@@ -64,7 +64,8 @@ def check_label_range(name: str, labels: Tensor, num_classes: int) -> None:
 
 
 class BalancedContrastiveLoss(TemperatureLoss):
-    """Balanced contrastive loss L_bcl (BCL paper §3.3; the authors' ``BalSCL``).
+    """Balanced contrastive loss L_bcl (the BCL paper's class-averaged, class-complemented loss as
+    the authors' ``BalSCL`` computes it).
 
     The anchors are the 2B embeddings of two views of the batch, z = [view1 | view2]; the
     contrast set of anchor i is every other anchor and the C class prototypes,

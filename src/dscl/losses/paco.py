@@ -23,7 +23,7 @@ PRIOR_EPS = 1e-9
 
 
 class PaCoLoss(TemperatureLoss):
-    """Parametric contrastive loss L_paco (PaCo paper Eq. 6 in the authors' LT form).
+    """Parametric contrastive loss L_paco (as the authors' ``PaCo/LT/losses.py`` computes it).
 
     For anchor q_i (a query) the contrast set has two parts laid out as
     [centres (C) | queries (B) | keys (B) | queue (K)]:
