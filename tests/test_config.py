@@ -228,3 +228,43 @@ def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
         build_config(None, ["pretrain.epochs=5e2"])
     with pytest.raises(ConfigError, match="pretrain.base_lr: expected a number"):
         build_config(None, ["pretrain.base_lr=5e"])
+
+
+def test_one_first_difference_for_resume_and_study():
+    from dscl.config import (
+        ABSENT,
+        RUNTIME_KEYS,
+        STUDY_IGNORED_KEYS,
+        config_to_dict,
+        first_difference,
+    )
+
+    saved = config_to_dict(build_config("fashion_mnist_lt", ["threads=1"]))
+    assert first_difference(saved, saved) is None
+    # a changed thread count: --resume auto accepts it, a study refuses it (other digits)
+    now = config_to_dict(build_config("fashion_mnist_lt", ["threads=2"]))
+    assert first_difference(saved, now) is None
+    diff = first_difference(saved, now, STUDY_IGNORED_KEYS)
+    assert diff == ("threads", 1, 2) and str(diff) == "threads: saved 1, now 2"
+    # where the folder is never matters; a result setting always does, in current's order
+    moved = config_to_dict(build_config("fashion_mnist_lt", ["threads=1", "output_dir=/x"]))
+    assert first_difference(saved, moved, STUDY_IGNORED_KEYS) is None
+    other = config_to_dict(build_config("fashion_mnist_lt", ["threads=1", "seed=3", "amp=off"]))
+    for ignore in (RUNTIME_KEYS, STUDY_IGNORED_KEYS):
+        assert first_difference(saved, other, ignore) == ("seed", 0, 3)  # seed comes first
+    # numbers by value, booleans and text by type; a key on one side only is a difference
+    a = {"pretrain": {"beta": 8, "x": True}, "data": {"extra": {"k": 1}}}
+    assert (
+        first_difference(a, {"pretrain": {"beta": 8.0, "x": True}, "data": {"extra": {"k": 1}}})
+        is None
+    )
+    assert first_difference(a, {"pretrain": {"beta": 8, "x": 1}, "data": {"extra": {"k": 1}}}) == (
+        "pretrain.x",
+        True,
+        1,
+    )
+    diff = first_difference(a, {"pretrain": {"beta": 8, "x": True}, "data": {"extra": {}}})
+    assert diff == ("data.extra", {"k": 1}, {})  # a free-form mapping is one value
+    diff = first_difference({"pretrain": {"beta": 8}}, {"pretrain": {"beta": 8, "new": 1}})
+    assert diff.key == "pretrain.new" and diff.saved is ABSENT
+    assert str(diff) == "pretrain.new: saved (absent), now 1"

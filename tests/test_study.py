@@ -10,9 +10,12 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,8 +24,10 @@ import yaml
 
 from dscl.cli import main
 from dscl.config import config_to_yaml
-from dscl.errors import ConfigError
+from dscl.errors import ConfigError, RunFolderError
 from dscl.study import (
+    CellFailed,
+    Claims,
     aggregate,
     cell_command,
     cell_name,
@@ -37,6 +42,7 @@ from dscl.study import (
     t_interval,
     write_results,
 )
+from dscl.study.runner import RESULT_FILES
 from dscl.study.stats import regularized_incomplete_beta, sample_std
 
 # synthetic_lt with 40..4 images per class, 16 px: one cell takes a few seconds (as test_cli.py)
@@ -68,6 +74,7 @@ def write_study(tmp_path: Path, name: str = "s", filename: str = "study.yaml", *
     data.update(fields)
     data.setdefault("overrides", {})
     data["overrides"] = {"output_dir": str(tmp_path / "runs"), **data["overrides"]}
+    data.setdefault("results", str(tmp_path / "results" / name))
     path = tmp_path / filename
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -142,6 +149,7 @@ def test_grid_order_names_and_configs(tmp_path: Path):
         "--name",
         "method-dscl+pbsd_data.patch_scale-0.2-1.0_seed-0",
         "pretrain.epochs=3",
+        "threads=1",  # every cell of a study trains with the same thread count
         "method=dscl+pbsd",
         "data.patch_scale=[0.2, 1.0]",
         "seed=0",
@@ -299,8 +307,9 @@ def test_aggregation_against_hand_values(tmp_path: Path):
     assert "| dscl | 3 | +2.33 ± 2.08 [-2.84, +7.50] |" in page
     assert "1.5 s" in page and "processor x86_64, machine x86_64, 2 CPUs, torch 9.9" in page
     assert "![per-class accuracy and group means](study.png)" in page
-    assert (study.study_dir / "study.png").read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((study.study_dir / "results.json").read_text())
+    assert page_path == study.results_dir / "RESULTS.md"
+    assert (study.results_dir / "study.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((study.results_dir / "results.json").read_text())
     assert saved["paired"][0]["top1"]["values"] == [3.0, 0.0, 4.0]
     write_results(study, aggregate(study, states))
     assert page_path.read_text() == page  # deterministic
@@ -380,6 +389,7 @@ def test_changed_study_is_refused(tmp_path: Path, capsys, monkeypatch):
     assert main(["study", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     # an interrupted cell (stage-1 checkpoint, no metrics) is not resumed under other settings
+    shutil.rmtree(study.results_dir / "method-ce_seed-0")  # (its collected copy)
     (study.study_dir / "method-ce_seed-0" / "metrics.json").unlink()
     (study.study_dir / "method-ce_seed-0" / "pretrain.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="was interrupted with pretrain.epochs=3.*delete"):
@@ -419,7 +429,7 @@ def test_shards_and_skipping(tmp_path: Path):
 
     assert run_study(str(path), shard="1/3", runner=fake_runner) == 0
     assert ran == ["method-ce_seed-1", "method-dscl_seed-0", "method-dscl_seed-3"]
-    results = json.loads((tmp_path / "runs" / "s" / "results.json").read_text())
+    results = json.loads((tmp_path / "results" / "s" / "results.json").read_text())
     assert results["finished"] == 3 and len(results["missing"]) == 5
     ran.clear()
     assert run_study(str(path), runner=fake_runner) == 0  # the rest, finished ones skipped
@@ -481,7 +491,8 @@ def test_study_end_to_end_then_rerun_skips(tmp_path: Path, monkeypatch, capsys):
     assert main(["study", "--config", str(path)]) == 0
     out = capsys.readouterr()
     folder = tmp_path / "runs" / "tiny"
-    assert f"results: {folder / 'RESULTS.md'}" in out.out
+    committed = tmp_path / "results" / "tiny"
+    assert f"results: {committed / 'RESULTS.md'}" in out.out
     assert "[4/4] method-dscl_seed-1: done" in out.err  # plain progress lines off a terminal
     names = ["method-ce_seed-0", "method-ce_seed-1", "method-dscl_seed-0", "method-dscl_seed-1"]
     top1 = {}
@@ -492,22 +503,34 @@ def test_study_end_to_end_then_rerun_skips(tmp_path: Path, monkeypatch, capsys):
         assert record["wall_s"] > 0 and record["resumed"] is False
         top1[name] = json.loads((folder / name / "metrics.json").read_text())["top1"]
         assert "Top-1" in (folder / name / "stdout.log").read_text()
-    results = json.loads((folder / "results.json").read_text())
+    for name in names:  # the small files are collected, checkpoints are not
+        assert sorted(p.name for p in (committed / name).iterdir()) == sorted(RESULT_FILES)
+        for file in RESULT_FILES:
+            assert (committed / name / file).read_bytes() == (folder / name / file).read_bytes()
+    results = json.loads((committed / "results.json").read_text())
     ce, dscl = results["settings"]
     assert ce["top1"]["mean"] == pytest.approx((top1[names[0]] + top1[names[1]]) / 2)
     diffs = [top1[names[2]] - top1[names[0]], top1[names[3]] - top1[names[1]]]
     assert results["paired"][0]["top1"]["values"] == pytest.approx(diffs)
-    assert (folder / "study.png").is_file() and (folder / "study.yaml").is_file()
+    assert (committed / "study.png").is_file() and (folder / "study.yaml").is_file()
     assert load_study(folder / "study.yaml").cells[0].config == load_study(path).cells[0].config
-    page = (folder / "RESULTS.md").read_bytes()
+    assert (committed / "study.yaml").read_bytes() == (folder / "study.yaml").read_bytes()
+    page = (committed / "RESULTS.md").read_bytes()
     logs = {n: (folder / n / "stdout.log").read_bytes() for n in names}
 
     assert main(["study", "--config", str(path)]) == 0
     assert "running" not in capsys.readouterr().err
     assert {n: (folder / n / "stdout.log").read_bytes() for n in names} == logs
-    assert (folder / "RESULTS.md").read_bytes() == page
+    assert (committed / "RESULTS.md").read_bytes() == page
     assert main(["study", "--config", str(path), "--report-only"]) == 0
-    assert (folder / "RESULTS.md").read_bytes() == page
+    assert (committed / "RESULTS.md").read_bytes() == page
+    # the committed results alone: no run folders, the same aggregate, nothing to run
+    shutil.rmtree(tmp_path / "runs")
+    assert main(["study", "--config", str(path), "--report-only"]) == 0
+    assert (committed / "RESULTS.md").read_bytes() == page
+    assert main(["study", "--config", str(path)]) == 0
+    assert "running" not in capsys.readouterr().err
+    assert not (folder / names[0]).exists()
 
 
 @pytest.mark.slow
@@ -541,5 +564,208 @@ def test_killed_study_resumes_to_completion(tmp_path: Path):
         assert (folder / "stdout.log").read_text().count("==== dscl study killed") == 2
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["per_class"]) == 10
-    results = json.loads((tmp_path / "runs" / "killed" / "results.json").read_text())
+    results = json.loads((tmp_path / "results" / "killed" / "results.json").read_text())
     assert results["finished"] == 1 and results["missing"] == []
+
+
+# ---------------------------------------------------------------- committed results, claims, jobs
+
+
+def test_committed_results_alone_aggregate_and_a_changed_one_is_refused(tmp_path: Path, capsys):
+    axes = {"method": ["ce", "dscl"], "seed": [0, 1]}
+    path = write_study(tmp_path, axes=axes, baseline={"method": "ce"})
+    study = load_study(path)
+    for i, cell in enumerate(study.cells):
+        fabricate(study, cell, 50.0 + i, 60.0, 40.0, 20.0 + i)
+        (study.study_dir / cell.name / "pretrain.pt").write_bytes(b"checkpoint")
+    assert run_study(str(path), report_only=True) == 0
+    assert "collected" in capsys.readouterr().err
+    committed = study.results_dir
+    page = (committed / "RESULTS.md").read_bytes()
+    for cell in study.cells:  # the small files only, byte for byte; never a checkpoint
+        assert not (committed / cell.name / "pretrain.pt").exists()
+        for name in ("metrics.json", "config.yaml", "cell.json"):
+            copy = (committed / cell.name / name).read_bytes()
+            assert copy == (study.study_dir / cell.name / name).read_bytes()
+    # another machine: only the committed folder (as a clone of the repository has it)
+    shutil.rmtree(tmp_path / "runs")
+    assert [cell_state(study, c) for c in study.cells] == ["finished"] * 4
+    ran: list[str] = []
+    assert run_study(str(path), runner=lambda s, c: ran.append(c.name)) == 0
+    assert ran == [] and (committed / "RESULTS.md").read_bytes() == page
+    # a committed cell whose config no longer matches what the study resolves is refused
+    write_study(tmp_path, axes=axes, baseline={"method": "ce"}, overrides={"pretrain.epochs": 7})
+    with pytest.raises(ConfigError) as caught:
+        run_study(str(path), report_only=True)
+    message = str(caught.value)
+    assert str(committed / "method-ce_seed-0") in message and "committed results" in message
+    assert "pretrain.epochs=25" in message and "pretrain.epochs=7" in message
+    assert main(["study", "--config", str(path), "--report-only"]) == 2
+    # a committed metrics.json without its config is an error too, not a finished cell
+    write_study(tmp_path, axes=axes, baseline={"method": "ce"})
+    (committed / "method-ce_seed-0" / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="lack a readable config.yaml"):
+        run_study(str(path), report_only=True)
+
+
+def test_report_only_without_any_folder_is_refused(tmp_path: Path):
+    path = write_study(tmp_path, axes={"method": ["ce"]})
+    with pytest.raises(RunFolderError, match="no results folder"):
+        run_study(str(path), report_only=True)
+
+
+def test_study_threads_fixed_whatever_jobs(tmp_path: Path):
+    study = load_study(write_study(tmp_path, axes={"method": ["ce", "dscl"]}))
+    assert {cell.config.threads for cell in study.cells} == {1}
+    assert study.overrides["threads"] == 1 and "threads=1" in study.override_texts
+    study = load_study(write_study(tmp_path, axes={"method": ["ce"]}, overrides={"threads": 3}))
+    assert study.cells[0].config.threads == 3
+    study = load_study(write_study(tmp_path, axes={"threads": [1, 2]}))
+    assert [cell.config.threads for cell in study.cells] == [1, 2]
+
+
+def test_jobs_run_cells_side_by_side(tmp_path: Path, capsys):
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon"], "seed": [0, 1]})
+    lock = threading.Lock()
+    running: list[str] = []
+    peak = [0]
+    seen_threads: set = set()
+
+    def slow_runner(study, cell):
+        with lock:
+            running.append(cell.name)
+            peak[0] = max(peak[0], len(running))
+            seen_threads.add(cell.config.threads)
+            # while it runs, the cell is claimed by this process
+            claim = json.loads((study.study_dir / "claims" / f"{cell.name}.json").read_text())
+            assert claim["pid"] == os.getpid() and claim["host"]
+        time.sleep(0.3)
+        fabricate(study, cell, 50.0)
+        with lock:
+            running.remove(cell.name)
+        return {}
+
+    assert run_study(str(path), jobs=3, runner=slow_runner) == 0
+    assert peak[0] == 3 and seen_threads == {1}
+    assert not list((tmp_path / "runs" / "s" / "claims").iterdir())  # every claim released
+    results = json.loads((tmp_path / "results" / "s" / "results.json").read_text())
+    assert results["finished"] == 6
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        run_study(str(path), jobs=0)
+
+
+def test_a_failed_job_lets_the_others_finish_then_reports(tmp_path: Path, capsys):
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon"]})
+
+    def runner(study, cell):
+        if cell.name == "method-ce":
+            log = study.study_dir / cell.name / "stdout.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("boom\n")
+            raise CellFailed(cell, 3, log)
+        time.sleep(0.3)
+        fabricate(study, cell, 50.0)
+        return {}
+
+    assert run_study(str(path), jobs=2, runner=runner) == 1
+    err = capsys.readouterr().err
+    assert "cell method-ce failed with exit code 3" in err and "boom" in err
+    study = load_study(path)
+    # the job that was running went on to the end; no new cell started after the failure
+    assert cell_state(study, study.cells[1]) == "finished"
+    assert cell_state(study, study.cells[2]) == "fresh"
+
+
+# Two study processes on one grid: each cell is trained once (a fake runner records it).
+_CLAIM_WORKER = """
+import json, os, sys, time
+from pathlib import Path
+from dscl.study import run_study
+from dscl.config import config_to_yaml
+
+log = Path(sys.argv[2])
+
+def runner(study, cell):
+    with open(log, "a") as handle:
+        handle.write(f"{os.getpid()} {cell.name}\\n")
+    time.sleep(0.4)
+    folder = study.study_dir / cell.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(config_to_yaml(cell.config))
+    metrics = {"top1": 50.0, "many": 50.0, "medium": 50.0, "few": 50.0, "split": "test",
+               "per_class": [50.0, 50.0], "class_counts": [100, 5]}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return {}
+
+sys.exit(run_study(sys.argv[1], runner=runner))
+"""
+
+
+def test_two_study_processes_never_train_one_cell_twice(tmp_path: Path):
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon"], "seed": [0, 1]})
+    log = tmp_path / "trained.txt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _CLAIM_WORKER, str(path), str(log)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    lines = log.read_text().split()
+    trained = lines[1::2]
+    assert sorted(trained) == sorted(c.name for c in load_study(path).cells)  # each once
+    assert len(set(lines[0::2])) == 2  # both processes trained some
+    assert any("claimed by process" in err for _, err in outputs)
+
+
+def test_a_claim_whose_process_is_gone_is_taken_over(tmp_path: Path, capsys):
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl"]})
+    study = load_study(path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    claims = study.study_dir / "claims"
+    claims.mkdir(parents=True)
+    stale = {"pid": gone.pid, "host": socket.gethostname(), "started": "then", "token": "x"}
+    (claims / "method-ce.json").write_text(json.dumps(stale))
+    alive = {"pid": os.getppid(), "host": socket.gethostname(), "started": "now", "token": "y"}
+    (claims / "method-dscl.json").write_text(json.dumps(alive))
+    ran: list[str] = []
+
+    def runner(study, cell):
+        ran.append(cell.name)
+        fabricate(study, cell, 50.0)
+        return {}
+
+    assert run_study(str(path), runner=runner) == 0
+    err = capsys.readouterr().err
+    assert ran == ["method-ce"]
+    assert f"taking over cell method-ce: its claim by process {gone.pid}" in err
+    assert "method-dscl: claimed by process" in err and "held by another study process" in err
+    assert not (claims / "method-ce.json").exists()
+    assert (claims / "method-dscl.json").exists()  # another live process's claim is left
+    # a claim of another host is respected (nothing here can tell whether it runs)
+    other = {"pid": gone.pid, "host": "elsewhere", "started": "then", "token": "z"}
+    (claims / "method-dscl.json").write_text(json.dumps(other))
+    assert not Claims(study).take(study.cells[1])
+
+
+def test_study_files_go_through_the_one_atomic_writer(tmp_path: Path, monkeypatch):
+    import dscl.study.results as results_module
+    import dscl.study.runner as runner_module
+
+    written: list[str] = []
+    real = runner_module.atomic_write
+
+    def recording(path, content, **kwargs):
+        written.append(Path(path).name)
+        return real(path, content, **kwargs)
+
+    monkeypatch.setattr(runner_module, "atomic_write", recording)
+    monkeypatch.setattr(results_module, "atomic_write", recording)
+    path = write_study(tmp_path, axes={"method": ["ce"]})
+    study = load_study(path)
+    fabricate(study, study.cells[0], 50.0)
+    assert run_study(str(path), report_only=True) == 0
+    for name in ("study.yaml", "results.json", "study.png", "RESULTS.md", "metrics.json"):
+        assert name in written, name

@@ -51,7 +51,11 @@ class DataConfig:
     color_augment: bool = True  # colour jitter, grayscale and blur on the views
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    num_workers: int = 0  # DataLoader workers for the per-sample path
+    num_workers: int = 0  # DataLoader workers for image files (and the per-sample path)
+    # image-file datasets: "fast" (workers decode once and crop to uint8, colour ops batched on
+    # the device) or "per_sample" (the whole transform per image in the workers)
+    file_views: str = "fast"
+    jpeg_draft: int = 0  # fast path: decode JPEGs at 1/2..1/8 scale keeping this shorter side
     batched_views: bool = True  # build views on the device when the dataset fits in memory
     many_threshold: int = 100  # Many: more than this many training images
     few_threshold: int = 20  # Few: fewer than this many
@@ -131,6 +135,10 @@ class RunConfig:
             raise ConfigError(
                 f"data.val_shortfall: {self.data.val_shortfall!r} is not partial/carve/error"
             )
+        if self.data.file_views not in ("fast", "per_sample"):
+            raise ConfigError(f"data.file_views: {self.data.file_views!r} is not fast/per_sample")
+        if self.data.jpeg_draft and self.data.file_views != "fast":
+            raise ConfigError("data.jpeg_draft: applies to data.file_views=fast only")
         order = self.data.class_order
         if isinstance(order, str) and order != "label":
             raise ConfigError(f"data.class_order: {order!r} is neither 'label' nor an integer seed")
@@ -169,6 +177,7 @@ class RunConfig:
             "classifier.momentum": self.classifier.momentum,
             "classifier.weight_decay": self.classifier.weight_decay,
             "data.num_workers": self.data.num_workers,
+            "data.jpeg_draft": self.data.jpeg_draft,
             "save_every_minutes": self.save_every_minutes,
             "pretrain.save_every_steps": self.pretrain.save_every_steps,
             "pretrain.knn_every": self.pretrain.knn_every,
@@ -466,22 +475,78 @@ RUNTIME_KEYS = frozenset(
 )
 
 
-def first_difference(
-    saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
-) -> str | None:
-    """The first dotted key (outside RUNTIME_KEYS) where two config dicts differ, with both
-    values, or None when they agree."""
-    for key in sorted(set(saved) | set(current)):
+# Runtime settings that nonetheless change a run's digits: a study compares them (every cell of
+# a study trains with the same thread count, device and compile setting), `--resume auto` not.
+DIGIT_KEYS = frozenset({"threads", "compile", "device"})
+# What a study ignores when it compares a cell's saved config with what it resolves now.
+STUDY_IGNORED_KEYS = RUNTIME_KEYS - DIGIT_KEYS
+
+
+class _Absent:
+    """A key present in only one of two compared configs."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+class Difference(typing.NamedTuple):
+    """The first key where two configs differ, with the saved and the current value."""
+
+    key: str
+    saved: Any
+    now: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: saved {self.saved!r}, now {self.now!r}"
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: numbers by value (8 == 8.0), booleans and text by type too."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value; ``data.extra`` (a free-form mapping) stays one value."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
         dotted = f"{prefix}{key}"
-        if dotted in RUNTIME_KEYS:
+        if isinstance(value, dict) and value and dotted != "data.extra":
+            out.update(_flat(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def first_difference(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    ignore: frozenset[str] | set[str] = RUNTIME_KEYS,
+) -> Difference | None:
+    """The first dotted key (in ``current``'s order, then keys only ``saved`` has) where two
+    config dicts differ, or None when they agree on every key outside ``ignore``.
+
+    ``--resume auto`` ignores :data:`RUNTIME_KEYS`; a study ignores :data:`STUDY_IGNORED_KEYS`
+    (it also compares the thread count, device and compile setting). A key missing on one side
+    is a difference, its value shown as ``(absent)``.
+    """
+    flat_saved, flat_now = _flat(saved), _flat(current)
+    for key in [*flat_now, *(k for k in flat_saved if k not in flat_now)]:
+        if key in ignore:
             continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and dotted != "data.extra":
-            found = first_difference(a, b, f"{dotted}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{dotted}: saved {a!r}, now {b!r}"
+        a, b = flat_saved.get(key, ABSENT), flat_now.get(key, ABSENT)
+        if a is ABSENT or b is ABSENT or not same_value(a, b):
+            return Difference(key, a, b)
     return None
 
 

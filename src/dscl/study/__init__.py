@@ -1,28 +1,38 @@
 """``dscl study``: a grid of ordinary runs, run as subprocesses and aggregated over seeds.
 
     dscl study --config study_fashion_mnist_lt            # run (or continue) every cell
+    dscl study --config my_study.yaml --jobs 2            # two cells side by side
     dscl study --config my_study.yaml --shard 1/3         # cells 1, 4, 7, ... on this machine
     dscl study --config my_study.yaml --report-only       # aggregate what has finished
 
 The study folder ``<output_dir>/<name>/`` holds ``study.yaml`` (the study as resolved), one run
-folder per cell (named by its settings, e.g. ``method-dscl+pbsd_seed-1``, with the cell's
-``stdout.log`` and ``cell.json``), and the aggregate: ``results.json``, ``RESULTS.md`` and
-``study.png``. Re-running the same command skips finished cells and resumes an interrupted one.
-See :mod:`dscl.study.spec` for the study file's schema.
+folder per cell (named by its settings, e.g. ``seed-1_method-dscl+pbsd``, with the cell's
+``stdout.log`` and ``cell.json``) and the cells' claims. The results folder (``results/<name>/``
+by default, the one to commit) holds each finished cell's small files and the aggregate:
+``results.json``, ``RESULTS.md`` and ``study.png``. Re-running the same command skips finished
+cells (in either folder) and resumes an interrupted one. See :mod:`dscl.study.spec` for the study
+file's schema.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+from pathlib import Path
 
-from dscl.errors import RunFolderError
+from dscl.errors import ConfigError, RunFolderError
 from dscl.study.results import aggregate, results_markdown, write_results
 from dscl.study.runner import (
     FINISHED,
     CellFailed,
+    Claims,
     cell_command,
+    cell_dir,
     cell_state,
+    collect_cell,
+    committed_dir,
     log_tail,
     parse_shard,
     run_cell,
@@ -36,6 +46,7 @@ from dscl.study.stats import sample_std, student_t_cdf, student_t_quantile, t_in
 __all__ = [
     "Cell",
     "CellFailed",
+    "Claims",
     "Study",
     "add_study_parser",
     "aggregate",
@@ -43,6 +54,7 @@ __all__ = [
     "cell_name",
     "cell_state",
     "cmd_study",
+    "collect_cell",
     "load_study",
     "parse_shard",
     "results_markdown",
@@ -63,17 +75,43 @@ def add_study_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     """Register ``dscl study`` on the ``dscl`` command's subparsers."""
     p = sub.add_parser("study", help="a grid of runs (methods x seeds x settings), aggregated")
     p.add_argument("--config", required=True, help="study YAML file or shipped study name")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N cells at once (each with the study's threads; default 1)",
+    )
     p.add_argument("--shard", metavar="i/n", help="run only cells i, i+n, i+2n, ... (0-based)")
+    p.add_argument(
+        "--results",
+        metavar="DIR",
+        help="the results folder (default: the study file's `results`, else results/<name>)",
+    )
     p.add_argument(
         "--report-only", action="store_true", help="aggregate the finished cells, run nothing"
     )
     return p
 
 
+def _sigterm_as_interrupt() -> object:
+    """While the study runs, SIGTERM stops it as Ctrl-C does (its cells save a checkpoint)."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tests): leave signals alone
+        return None
+
+
 def run_study(
     config: str,
     *,
     shard: str | None = None,
+    jobs: int = 1,
+    results: str | Path | None = None,
     report_only: bool = False,
     runner=run_cell,
     stream=None,
@@ -83,43 +121,101 @@ def run_study(
     Args:
         config: the study file (path or shipped name).
         shard: ``"i/n"`` to run every n-th cell starting at cell i.
-        report_only: run nothing; aggregate the cells that have finished.
+        jobs: how many cells run at once (each with the study's ``threads``).
+        results: the results folder, instead of the study file's.
+        report_only: run nothing; aggregate the cells that have finished (in the results
+            folder or in run folders; the latter are collected into the results folder).
         runner: runs one cell (tests replace it).
         stream: where progress and notes go (default: stderr).
 
     Returns:
-        The exit code: 0, or 1 when a cell failed (its log tail is printed).
+        The exit code: 0, 1 when a cell failed (its log tail is printed), 75 when the study was
+        interrupted (run the same command to continue).
     """
     stream = stream if stream is not None else sys.stderr
     selected = parse_shard(shard)
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: need at least 1")
     study = load_study(config)  # every cell's config is validated here, before anything runs
+    if results is not None:
+        study.results_dir = Path(results)
     states = {cell.name: cell_state(study, cell) for cell in study.cells}  # refuses changes
-    if report_only and not study.study_dir.is_dir():
+    if report_only and not study.study_dir.is_dir() and not study.results_dir.is_dir():
         raise RunFolderError(
-            f"{study.study_dir}: no study folder yet; run `dscl study --config {config}` first"
+            f"{study.study_dir}: no study folder and no results folder {study.results_dir} yet; "
+            f"run `dscl study --config {config}` first"
         )
-    write_study_file(study)
+    _collect_finished(study, states, stream)
+    write_study_file(study, study.results_dir)
     if not report_only:
+        write_study_file(study)
+        threads = study.cells[0].config.threads if study.cells else None
+        cores = os.cpu_count() or 1
+        if threads is not None and jobs * threads > cores:
+            print(
+                f"study {study.name}: --jobs {jobs} x {threads} threads is more than the "
+                f"{cores} cores here; the cells will slow each other down",
+                file=stream,
+            )
         todo = shard_cells(study.cells, selected)
+        label = study.name if shard is None else f"{study.name} (shard {shard})"
+        previous = _sigterm_as_interrupt()
         try:
-            label = study.name if shard is None else f"{study.name} (shard {shard})"
-            run_cells(study, todo, states, runner=runner, stream=stream, label=label)
+            skipped = run_cells(
+                study, todo, states, runner=runner, jobs=jobs, stream=stream, label=label
+            )
         except CellFailed as failure:
             print(f"---- last lines of {failure.log} ----", file=stream)
             print(log_tail(failure.log), file=stream)
             print(f"dscl: study {study.name} stopped: {failure}", file=stream, flush=True)
             return 1
+        except KeyboardInterrupt:
+            print(
+                f"dscl: study {study.name} interrupted; its running cells saved a checkpoint. "
+                f"Continue with: dscl study --config {config}",
+                file=stream,
+                flush=True,
+            )
+            return 75
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if skipped:
+            print(
+                f"study {study.name}: {len(skipped)} cell(s) held by another study process: "
+                + ", ".join(skipped),
+                file=stream,
+            )
         states = {cell.name: cell_state(study, cell) for cell in study.cells}
-    results = aggregate(study, states)
-    path = write_results(study, results)
+    results_out = aggregate(study, states)
+    path = write_results(study, results_out)
     finished = sum(state == FINISHED for state in states.values())
     print(f"study {study.name}: {finished} of {len(study.cells)} cells finished", file=stream)
-    if results["missing"]:
-        print(f"study {study.name}: missing: {', '.join(results['missing'])}", file=stream)
+    if results_out["missing"]:
+        print(f"study {study.name}: missing: {', '.join(results_out['missing'])}", file=stream)
     print(f"results: {path}")
     return 0
 
 
+def _collect_finished(study: Study, states: dict[str, str], stream) -> None:
+    """Copy every finished cell that has no committed results yet into the results folder."""
+    for cell in study.cells:
+        if states[cell.name] != FINISHED or (committed_dir(study, cell) / "metrics.json").exists():
+            continue
+        if collect_cell(study, cell) is not None:
+            print(
+                f"study {study.name}: collected {cell_dir(study, cell)} into "
+                f"{committed_dir(study, cell)}",
+                file=stream,
+            )
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """The ``dscl study`` command."""
-    return run_study(args.config, shard=args.shard, report_only=args.report_only)
+    return run_study(
+        args.config,
+        shard=args.shard,
+        jobs=args.jobs,
+        results=args.results,
+        report_only=args.report_only,
+    )

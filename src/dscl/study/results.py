@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from dscl.checkpoint import atomic_write
 from dscl.study.runner import (
     FINISHED,
     cell_command,
-    cell_dir,
     display_command,
+    finished_dir,
     read_cell_record,
 )
 from dscl.study.spec import Cell, Study, value_text
@@ -28,10 +28,11 @@ from dscl.study.stats import summarize, t_interval
 METRICS = ("top1", "many", "medium", "few")
 LABELS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
 CONFIDENCE = 0.95
+MAX_NAMED_CLASSES = 30  # the per-class panel names each class up to this many
 
 
 def _read_metrics(study: Study, cell: Cell) -> dict:
-    path = cell_dir(study, cell) / "metrics.json"
+    path = finished_dir(study, cell) / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -99,6 +100,8 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
             values = [metrics[c.name][key] for c in done if metrics[c.name].get(key) is not None]
             row[key] = summarize(values) | {"values": values}
         row["per_class"] = _per_class_mean([metrics[c.name] for c in done])
+        if row["per_class"] is not None:
+            row["per_class"]["class_names"] = _class_names(study, done)
         settings_out.append(row)
 
     paired_out = []
@@ -156,33 +159,40 @@ def _per_class_mean(runs: list[dict]) -> dict | None:
     return {"accuracy": accuracy, "class_counts": counts}
 
 
+def _class_names(study: Study, cells: list[Cell]) -> list[str] | None:
+    """The class names a finished cell's ``data_summary.json`` gives (None without one)."""
+    for cell in cells:
+        try:
+            summary = json.loads((finished_dir(study, cell) / "data_summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        names = summary.get("class_names") if isinstance(summary, dict) else None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    return None
+
+
 # ---------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_results(study: Study, results: dict[str, Any]) -> Path:
-    """Write ``results.json``, ``study.png`` (when a cell finished) and ``RESULTS.md``.
+    """Write ``results.json``, ``study.png`` (when a cell finished) and ``RESULTS.md`` into the
+    results folder, each through the one atomic writer.
 
     Returns:
         The path of ``RESULTS.md``.
     """
-    folder = study.study_dir
+    folder = study.results_dir
     text = json.dumps(results, indent=1, ensure_ascii=False) + "\n"
-    _write_atomic(folder / "results.json", text.encode())
+    atomic_write(folder / "results.json", text)
     figure = None
     if results["finished"]:
         figure = folder / "study.png"
-        _write_atomic(figure, _figure_png(study, results))
+        atomic_write(figure, _figure_png(study, results))
     else:
         (folder / "study.png").unlink(missing_ok=True)
     page = results_markdown(study, results, figure is not None)
-    _write_atomic(folder / "RESULTS.md", page.encode())
-    return folder / "RESULTS.md"
+    return atomic_write(folder / "RESULTS.md", page)
 
 
 def _label(settings: dict[str, Any]) -> str:
@@ -217,13 +227,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _machine_text(machine: dict) -> str:
+def _machine_text(machine: dict, threads: int | None = None) -> str:
     parts = [
         f"processor {machine.get('processor') or 'unknown'}",
         f"machine {machine.get('machine') or 'unknown'}",
         f"{machine.get('cpus') or '?'} CPUs",
         f"torch {machine.get('torch') or '?'}",
     ]
+    if threads is not None:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''} per cell")
     if machine.get("python"):
         parts.append(f"Python {machine['python']}")
     return ", ".join(parts)
@@ -276,8 +288,8 @@ def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = 
         out += [
             "## Figure",
             "",
-            "Per-class test accuracy against training images per class (mean over seeds), and "
-            "the group means with their sample std.",
+            "Per-class test accuracy (mean over seeds) of each class, placed at its number of "
+            "training images and named, and the group means with their sample std.",
             "",
             "![per-class accuracy and group means](study.png)",
             "",
@@ -299,7 +311,7 @@ def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = 
         rows.append([f"`{cell.name}`", *values, wall_text])
         record = read_cell_record(study, cell)
         if record and isinstance(record.get("machine"), dict):
-            text = _machine_text(record["machine"])
+            text = _machine_text(record["machine"], record.get("threads"))
             for known, names in machines:
                 if known == text:
                     names.append(cell.name)
@@ -318,8 +330,14 @@ def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = 
             out.append(f"- {text}: " + ", ".join(f"`{n}`" for n in names))
     out.append("")
 
-    out += ["## Commands", "", "The study (`--shard i/n` splits it over machines):", ""]
-    out += ["```", f"dscl study --config {study.study_dir / 'study.yaml'}", "```", ""]
+    out += [
+        "## Commands",
+        "",
+        "The study (`--jobs N` runs N cells side by side; finished cells are collected into "
+        f"`{study.results_dir}`, from which the study continues on any machine):",
+        "",
+    ]
+    out += ["```", f"dscl study --config {study.results_dir / 'study.yaml'}", "```", ""]
     out += ["Each cell (`--resume auto` continues an interrupted cell and starts a fresh one):", ""]
     out.append("```")
     out += [display_command(cell_command(study, cell)) for cell in study.cells]
@@ -337,33 +355,60 @@ def _figure_png(study: Study, results: dict[str, Any]) -> bytes:
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     rows = [row for row in results["settings"] if row["n"] > 0]
-    fig = Figure(figsize=(13, 5), dpi=100)
+    fig = Figure(figsize=(13, 5.5), dpi=100)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
     colours = [f"C{i % 10}" for i in range(len(rows))]
-    for row, colour in zip(rows, colours, strict=True):
+    markers = "osD^vP*Xh<>"
+    labelled: dict[float, str] = {}  # training count -> the class names at that count
+    for i, (row, colour) in enumerate(zip(rows, colours, strict=True)):
         per_class = row["per_class"] or {"accuracy": [], "class_counts": []}
-        points = sorted(
-            (n, a)
-            for n, a in zip(per_class["class_counts"], per_class["accuracy"], strict=True)
+        names = per_class.get("class_names") or []
+        points = [
+            (n, a, names[c] if c < len(names) else f"class {c}")
+            for c, (n, a) in enumerate(
+                zip(per_class["class_counts"], per_class["accuracy"], strict=True)
+            )
             if n is not None and a is not None and n > 0
+        ]
+        if not points:
+            continue
+        # one point per class, no line (neighbouring classes have nothing to join them); the
+        # settings are spread a little sideways so that equal accuracies stay visible
+        spread = 1.0 + 0.04 * (i - (len(rows) - 1) / 2)
+        xs = [n * spread for n, _, _ in points]
+        left.scatter(
+            xs,
+            [a for _, a, _ in points],
+            s=28,
+            marker=markers[i % len(markers)],
+            color=colour,
+            alpha=0.85,
+            label=_label(row["settings"]),
         )
-        if points:
-            xs, ys = zip(*points, strict=True)
-            left.plot(xs, ys, marker="o", ms=4, lw=1.2, color=colour, label=_label(row["settings"]))
+        for n, _, name in points:
+            known = labelled.get(n)
+            if known is None:
+                labelled[n] = name
+            elif name not in known.split(" / "):
+                labelled[n] = f"{known} / {name}"
     left.set_xscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    left.xaxis.set_major_formatter(plain)
-    left.xaxis.set_minor_formatter(plain)
-    left.tick_params(axis="x", which="minor", labelsize=7)
-    left.set_xlabel("training images of the class (log scale)")
+    left.xaxis.set_minor_locator(NullLocator())  # no minor labels printed over each other
+    if 0 < len(labelled) <= MAX_NAMED_CLASSES:
+        counts = sorted(labelled)
+        left.set_xticks(counts, [f"{labelled[n]} ({n:g})" for n in counts], rotation=60, ha="right")
+        left.tick_params(axis="x", labelsize=7)
+        left.set_xlabel("class (training images, log scale)")
+    else:
+        left.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        left.set_xlabel("training images of the class (log scale)")
     left.set_ylabel("test accuracy (%)")
     left.set_ylim(-2, 102)
-    left.set_title("per-class accuracy (mean over seeds)")
-    left.grid(True, which="both", alpha=0.3)
+    left.set_title("per-class accuracy (mean over seeds), one point per class")
+    left.grid(True, which="major", alpha=0.3)
     if rows:
         left.legend(fontsize=8, loc="best")
 

@@ -1,9 +1,16 @@
 """Running a study: one ``dscl run`` subprocess per cell, skipping finished cells.
 
-A cell is finished when its run folder holds ``metrics.json`` of the test split and a
-``config.yaml`` equal to what the study resolves for it now. A finished cell whose saved config
-differs is refused (the study file was changed under it). Each finished cell gets a small
-``cell.json`` (wall time, command, machine) written by the study.
+A cell is finished when its committed results (``<results folder>/<cell>/``) or its run folder
+hold ``metrics.json`` of the test split and a ``config.yaml`` equal to what the study resolves
+for it now (:func:`dscl.config.first_difference` with :data:`dscl.config.STUDY_IGNORED_KEYS`).
+A finished cell whose saved config differs is refused (the study file was changed under it).
+Each finished cell gets a small ``cell.json`` (wall time, command, threads, machine) and its
+small files are copied into the results folder, the folder to commit: a study started on one
+machine is continued on another, and aggregated, from the committed results alone.
+
+Before a cell runs it is claimed (``<study folder>/claims/<cell>.json``, created atomically, with
+the process id, host and start time), so several ``dscl study`` processes, and the ``--jobs``
+of one, never train the same cell; a claim whose process is gone is taken over.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import json
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,31 +32,36 @@ from typing import Any
 
 import yaml
 
-from dscl.config import config_to_dict
+from dscl.checkpoint import atomic_write, git_commit
+from dscl.config import ABSENT, STUDY_IGNORED_KEYS, config_to_dict, first_difference
 from dscl.cpuinfo import cpu_model
 from dscl.errors import ConfigError, RunFolderError
 from dscl.study.spec import Cell, Study, value_text
 
 LOG_NAME = "stdout.log"
 CELL_NAME = "cell.json"
+CLAIMS = "claims"
 LOG_TAIL_LINES = 25
-IGNORED_KEYS = ("output_dir",)
-
-
-class _Absent:
-    """A key missing from one of two compared configs."""
-
-    def __repr__(self) -> str:
-        return "(absent)"
-
-
-ABSENT = _Absent()
+# A finished cell's small files, the ones copied into the results folder (never checkpoints).
+RESULT_FILES = ("metrics.json", "config.yaml", "data_summary.json", CELL_NAME, "train_log.jsonl")
 FRESH, STARTED, INTERRUPTED, FINISHED = "fresh", "started", "interrupted", "finished"
 
 
 def cell_dir(study: Study, cell: Cell) -> Path:
     """The run folder of ``cell``: ``<study folder>/<cell name>``."""
     return study.study_dir / cell.name
+
+
+def committed_dir(study: Study, cell: Cell) -> Path:
+    """Where the cell's results are collected: ``<results folder>/<cell name>``."""
+    return study.results_dir / cell.name
+
+
+def finished_dir(study: Study, cell: Cell) -> Path:
+    """The folder a finished cell's results are read from: the committed copy if there is one,
+    else its run folder."""
+    committed = committed_dir(study, cell)
+    return committed if (committed / "metrics.json").is_file() else cell_dir(study, cell)
 
 
 def cell_command(study: Study, cell: Cell, run_dir: Path | None = None) -> list[str]:
@@ -69,43 +83,6 @@ def display_command(cmd: list[str]) -> str:
     return shlex.join(shown)
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{full}."))
-        else:
-            flat[full] = value
-    return flat
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as config values: numbers by value (8 == 8.0), booleans and text by type too."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
-
-
-def first_difference(saved: dict, now: dict) -> tuple[str, Any, Any] | None:
-    """The first dotted key (in ``now``'s order) whose value differs, or ``None``.
-
-    ``output_dir`` is not compared: it says where the folder is, not what ran in it.
-    """
-    flat_saved, flat_now = _flatten(saved), _flatten(now)
-    for key in [*flat_now, *(k for k in flat_saved if k not in flat_now)]:
-        if key in IGNORED_KEYS:
-            continue
-        a, b = flat_saved.get(key, ABSENT), flat_now.get(key, ABSENT)
-        if a is ABSENT or b is ABSENT or not _same(a, b):
-            return key, a, b
-    return None
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -122,28 +99,57 @@ def _saved_config(run_dir: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _is_finished(folder: Path) -> bool:
+    metrics = _read_json(folder / "metrics.json")
+    return metrics is not None and metrics.get("split", "test") == "test"
+
+
+def _difference(study: Study, cell: Cell, saved: dict):
+    return first_difference(saved, config_to_dict(cell.config), STUDY_IGNORED_KEYS)
+
+
 def cell_state(study: Study, cell: Cell) -> str:
     """``fresh``, ``started`` (folder, no checkpoint), ``interrupted`` or ``finished``.
 
+    Committed results count first: a cell whose results folder holds its metrics and a config
+    equal to what the study resolves now is finished, whether or not a run folder exists here.
+
     Raises:
-        ConfigError: the cell finished, or was interrupted with a stage-1 checkpoint, under a
-            config that differs from what the study resolves for it now (the message names the
-            cell and the first differing key). Such a cell is never reinterpreted or resumed
-            under the new settings, and never deleted by the study.
+        ConfigError: the cell's committed results, or its run folder finished or interrupted
+            with a stage-1 checkpoint, were made under a config that differs from what the study
+            resolves for it now (the message names the folder, the cell and the first differing
+            key). Such a cell is never reinterpreted or resumed under the new settings, and never
+            deleted by the study.
     """
+    committed = committed_dir(study, cell)
+    if (committed / "metrics.json").is_file():
+        saved = _saved_config(committed)
+        if saved is None or not _is_finished(committed):
+            raise ConfigError(
+                f"{committed}: committed results of cell {cell.name} lack a readable "
+                "config.yaml or test metrics.json; restore them from the repository or move the "
+                "folder away to run the cell again"
+            )
+        diff = _difference(study, cell, saved)
+        if diff is None:
+            return FINISHED
+        raise ConfigError(
+            f"{committed}: committed results of cell {cell.name} were made with "
+            f"{diff.key}={_shown(diff.saved)}, the study now gives {diff.key}={_shown(diff.now)}; "
+            "restore the study file, give the study a new name, or move that folder away to run "
+            "the cell again (a cell is never reinterpreted)"
+        )
     run_dir = cell_dir(study, cell)
     if not run_dir.exists():
         return FRESH
-    metrics = _read_json(run_dir / "metrics.json")
-    finished = metrics is not None and metrics.get("split", "test") == "test"
+    finished = _is_finished(run_dir)
     interrupted = (run_dir / "pretrain.pt").is_file()
     saved = _saved_config(run_dir) if finished or interrupted else None
     if saved is None:
         return INTERRUPTED if interrupted else STARTED
-    diff = first_difference(saved, config_to_dict(cell.config))
+    diff = _difference(study, cell, saved)
     if diff is None:
         return FINISHED if finished else INTERRUPTED
-    key, before, after = (diff[0], *(_shown(v) for v in diff[1:]))
     if finished:
         remedy = "restore the study file or give the study a new name"
         what = "finished"
@@ -151,13 +157,30 @@ def cell_state(study: Study, cell: Cell) -> str:
         remedy = f"restore the study file, or delete {run_dir} to start the cell again"
         what = "was interrupted"
     raise ConfigError(
-        f"{study.path}: cell {cell.name} {what} with {key}={before}, the study now gives "
-        f"{key}={after}; {remedy} (a cell is never reinterpreted)"
+        f"{study.path}: cell {cell.name} {what} with {diff.key}={_shown(diff.saved)}, the study "
+        f"now gives {diff.key}={_shown(diff.now)}; {remedy} (a cell is never reinterpreted)"
     )
 
 
 def _shown(value: Any) -> str:
     return "(absent)" if value is ABSENT else value_text(value)
+
+
+def collect_cell(study: Study, cell: Cell) -> Path | None:
+    """Copy a finished cell's small files (:data:`RESULT_FILES`, never checkpoints) from its run
+    folder into the results folder; return that folder, or None if there was nothing to copy
+    (no finished run folder). Each file goes through the one atomic writer, ``metrics.json``
+    last, so a half-collected cell is never taken for a finished one."""
+    source = cell_dir(study, cell)
+    if not _is_finished(source):
+        return None
+    target = committed_dir(study, cell)
+    names = [name for name in RESULT_FILES if name != "metrics.json"] + ["metrics.json"]
+    for name in names:
+        path = source / name
+        if path.is_file():
+            atomic_write(target / name, path.read_bytes())
+    return target
 
 
 def machine_info() -> dict[str, Any]:
@@ -198,23 +221,14 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
     return [cell for cell in cells if cell.index % n == i]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_study_file(study: Study) -> Path:
-    """Write the resolved study (``study.yaml``) into the study folder."""
+def write_study_file(study: Study, folder: Path | None = None) -> Path:
+    """Write the resolved study (``study.yaml``) into ``folder`` (default: the study folder)."""
+    folder = study.study_dir if folder is None else folder
     try:
-        study.study_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunFolderError(
-            f"{study.study_dir}: cannot create the study folder ({err.strerror})"
-        ) from None
-    path = study.study_dir / "study.yaml"
-    _write_atomic(path, study.to_yaml())
-    return path
+        raise RunFolderError(f"{folder}: cannot create the study folder ({err.strerror})") from None
+    return atomic_write(folder / "study.yaml", study.to_yaml())
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -246,11 +260,30 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         proc.wait()
 
 
+# The cells' subprocesses running now in this process (several with --jobs), so that an
+# interrupted study stops every one of them.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_running_cells() -> None:
+    """SIGTERM every cell subprocess this process started and still runs (each saves its
+    checkpoint), then wait for them."""
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        stop_process(proc)
+
+
 def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
-    """Run one unfinished cell as a subprocess; write and return its ``cell.json`` record.
+    """Run one unfinished cell as a subprocess; write and return its ``cell.json`` record and
+    collect its small files into the results folder.
 
     The subprocess's stdout and stderr go to ``<cell>/stdout.log`` (appended, one header line
-    per attempt).
+    per attempt); ``OMP_NUM_THREADS`` is set to the cell's ``threads``.
 
     Raises:
         CellFailed: the subprocess failed or left no finished run.
@@ -261,16 +294,26 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CELL_NAME).unlink(missing_ok=True)
     log_path = run_dir / LOG_NAME
+    env = dict(os.environ)
+    if cell.config.threads is not None:
+        env["OMP_NUM_THREADS"] = str(cell.config.threads)
     start = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"==== dscl study {study.name}: {display_command(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
         try:
             returncode = proc.wait()
         except BaseException:  # Ctrl-C or an error here: do not leave the run behind
             stop_process(proc)
             raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     wall = time.perf_counter() - start
     if returncode != 0:
         raise CellFailed(cell, returncode, log_path)
@@ -282,26 +325,159 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
         "wall_s": round(wall, 1),
         "resumed": resumed,
         "command": display_command(cmd),
+        "threads": cell.config.threads,
+        "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
     }
-    _write_atomic(run_dir / CELL_NAME, json.dumps(record, indent=1) + "\n")
+    atomic_write(run_dir / CELL_NAME, json.dumps(record, indent=1) + "\n")
+    collect_cell(study, cell)
     return record
 
 
 def read_cell_record(study: Study, cell: Cell) -> dict | None:
     """The ``cell.json`` the study wrote when ``cell`` finished, if any."""
-    return _read_json(cell_dir(study, cell) / CELL_NAME)
+    return _read_json(finished_dir(study, cell) / CELL_NAME)
+
+
+# ---------------------------------------------------------------- claims
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2 :].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` of this host still runs (the same process, where the start time
+    tells a reused process id apart)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class Claims:
+    """The claims of one study process on the cells of a study folder.
+
+    ``claims/<cell>.json`` is created with ``O_CREAT | O_EXCL``, so of several processes (or
+    ``--jobs`` threads of one) exactly one gets each cell. A claim held by a process of this
+    host that no longer runs is taken over (renamed away first, so that only one taker wins);
+    a claim of another host is respected (nothing here can tell whether it still runs; delete
+    the file to release it).
+    """
+
+    def __init__(self, study: Study, stream=None) -> None:
+        self.folder = study.study_dir / CLAIMS
+        self.stream = stream if stream is not None else sys.stderr
+        self.host = socket.gethostname()
+        self.token = f"{self.host}:{os.getpid()}:{time.time_ns()}"
+        self.held: set[str] = set()
+        self._lock = threading.Lock()
+
+    def path(self, cell: Cell) -> Path:
+        return self.folder / f"{cell.name}.json"
+
+    def take(self, cell: Cell) -> bool:
+        """Claim ``cell``; False when another live process holds it."""
+        path = self.path(cell)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._create(path):
+                with self._lock:
+                    self.held.add(cell.name)
+                return True
+            holder = self._read(path)
+            if holder is None:  # being written this moment, or unreadable: another one's
+                return False
+            if holder.get("token") == self.token:
+                return False  # held by another job of this process
+            if holder.get("host") != self.host or _alive(
+                int(holder.get("pid", -1)), holder.get("pid_start")
+            ):
+                return False
+            stale = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.stale")
+            try:
+                os.rename(path, stale)
+            except FileNotFoundError:
+                continue  # another process took it over first; try to create it again
+            stale.unlink(missing_ok=True)
+            print(
+                f"study: taking over cell {cell.name}: its claim by process {holder.get('pid')} "
+                f"on {holder.get('host')} (since {holder.get('started')}) is gone",
+                file=self.stream,
+                flush=True,
+            )
+        return False
+
+    def holder(self, cell: Cell) -> dict | None:
+        """What the claim file of ``cell`` says (None without one)."""
+        return self._read(self.path(cell))
+
+    def release(self, cell: Cell) -> None:
+        """Remove this process's claim on ``cell`` (a claim of another process is left)."""
+        with self._lock:
+            if cell.name not in self.held:
+                return
+            self.held.discard(cell.name)
+        path = self.path(cell)
+        holder = self._read(path)
+        if holder is not None and holder.get("token") == self.token:
+            path.unlink(missing_ok=True)
+
+    def release_all(self, cells: list[Cell]) -> None:
+        for cell in cells:
+            self.release(cell)
+
+    def _create(self, path: Path) -> bool:
+        record = {
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "host": self.host,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token": self.token,
+        }
+        # Written to a temporary file first and linked into place: the claim appears whole.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, path)  # fails if the claim exists: atomic, like O_CREAT | O_EXCL
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        return _read_json(path)
+
+
+# ---------------------------------------------------------------- progress and scheduling
 
 
 class Progress:
-    """One progress display over the grid: tqdm on a terminal, plain lines otherwise."""
+    """One progress display over the grid: tqdm on a terminal, plain lines otherwise.
+
+    Safe to call from several job threads."""
 
     def __init__(self, total: int, done: int, label: str, stream=None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.label = total, done, label
         self.spent: list[float] = []
+        self.running: list[str] = []
         self.bar = None
+        self._lock = threading.Lock()
         if self.stream.isatty():
             from tqdm import tqdm
 
@@ -309,23 +485,41 @@ class Progress:
                 total=total, initial=done, desc=label, unit="cell", file=self.stream, leave=True
             )
 
-    def start(self, cell: Cell, note: str = "") -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(cell.name, refresh=True)
-            return
-        eta = ""
-        if self.spent:
-            left = (self.total - self.done) * sum(self.spent) / len(self.spent)
-            eta = f", ETA {_duration(left)}"
-        self._print(f"[{self.done + 1}/{self.total}] {cell.name}: running{note}{eta}")
+    def start(self, cell: Cell, note: str = "", jobs: int = 1) -> None:
+        with self._lock:
+            self.running.append(cell.name)
+            if self.bar is not None:
+                self.bar.set_postfix_str(", ".join(self.running), refresh=True)
+                return
+            eta = ""
+            if self.spent:
+                left = (self.total - self.done) * sum(self.spent) / len(self.spent) / jobs
+                eta = f", ETA {_duration(left)}"
+            position = self.done + len(self.running)
+            self._print(f"[{position}/{self.total}] {cell.name}: running{note}{eta}")
 
     def finish(self, cell: Cell, seconds: float) -> None:
-        self.spent.append(seconds)
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        else:
-            self._print(f"[{self.done}/{self.total}] {cell.name}: done in {_duration(seconds)}")
+        with self._lock:
+            self.spent.append(seconds)
+            self.done += 1
+            self.running.remove(cell.name)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(", ".join(self.running), refresh=True)
+            else:
+                self._print(f"[{self.done}/{self.total}] {cell.name}: done in {_duration(seconds)}")
+
+    def skip(self, cell: Cell, why: str) -> None:
+        with self._lock:
+            if self.bar is not None:
+                self.bar.write(f"study {self.label}: {cell.name}: {why}")
+            else:
+                self._print(f"{cell.name}: {why}")
+
+    def abandon(self, cell: Cell) -> None:
+        with self._lock:
+            if cell.name in self.running:
+                self.running.remove(cell.name)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -346,26 +540,111 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _describe_claim(holder: dict | None) -> str:
+    if not holder:
+        return "claimed by another study process; skipped"
+    return (
+        f"claimed by process {holder.get('pid')} on {holder.get('host')} since "
+        f"{holder.get('started')}; skipped"
+    )
+
+
 def run_cells(
     study: Study,
     cells: list[Cell],
     states: dict[str, str],
     *,
     runner: Callable[[Study, Cell], dict] = run_cell,
+    jobs: int = 1,
     stream=None,
     label: str | None = None,
-) -> None:
-    """Run the unfinished ones of ``cells`` in order under one progress display."""
-    done = sum(states[c.name] == FINISHED for c in cells)
+) -> list[str]:
+    """Run the unfinished ones of ``cells``, ``jobs`` at a time, under one progress display.
+
+    Cells are handed out in grid order; each is claimed first (a cell claimed by another live
+    process is skipped with a line saying so) and released when it ends. After a failure no new
+    cell starts; the cells still running finish, then the first failure is raised.
+
+    Returns:
+        The names of the cells skipped because another process held them.
+
+    Raises:
+        CellFailed: a cell failed (the first one to fail).
+        KeyboardInterrupt: the study was interrupted; every running cell was stopped with
+            SIGTERM (each saved a checkpoint) and its claim released.
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: need at least 1")
+    todo = [cell for cell in cells if states[cell.name] != FINISHED]
+    done = len(cells) - len(todo)
     progress = Progress(len(cells), done, label or study.name, stream)
-    try:
-        for cell in cells:
-            if states[cell.name] == FINISHED:
+    claims = Claims(study, progress.stream)
+    lock = threading.Lock()
+    queue = list(todo)
+    failures: list[BaseException] = []
+    skipped: list[str] = []
+
+    def next_cell() -> Cell | None:
+        while True:
+            with lock:
+                if failures or not queue:
+                    return None
+                cell = queue.pop(0)
+            if cell_state(study, cell) == FINISHED:  # another process finished it meanwhile
+                with lock:
+                    progress.done += 1
                 continue
+            if claims.take(cell):
+                return cell
+            with lock:
+                skipped.append(cell.name)
+            progress.skip(cell, _describe_claim(claims.holder(cell)))
+
+    def work() -> None:
+        while True:
+            try:
+                cell = next_cell()
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                with lock:
+                    failures.append(err)
+                return
+            if cell is None:
+                return
             note = " (resuming)" if states[cell.name] == INTERRUPTED else ""
-            progress.start(cell, note)
+            progress.start(cell, note, jobs)
             start = time.perf_counter()
-            runner(study, cell)
+            try:
+                runner(study, cell)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                progress.abandon(cell)
+                with lock:
+                    failures.append(err)
+                return
+            finally:
+                claims.release(cell)
             progress.finish(cell, time.perf_counter() - start)
+
+    try:
+        if jobs == 1:
+            work()
+        else:
+            threads = [
+                threading.Thread(target=work, name=f"study-job-{i}", daemon=True)
+                for i in range(jobs)
+            ]
+            for thread in threads:
+                thread.start()
+            while any(thread.is_alive() for thread in threads):
+                for thread in threads:
+                    thread.join(timeout=0.2)
+    except BaseException:
+        with lock:
+            queue.clear()
+        stop_running_cells()
+        claims.release_all(cells)
+        raise
     finally:
         progress.close()
+    if failures:
+        raise failures[0]
+    return skipped

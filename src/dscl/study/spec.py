@@ -10,8 +10,12 @@ A study file is YAML with these top-level keys (any other key is an error)::
       method: [ce, dscl]
       seed: [0, 1, 2]
     baseline: {method: ce}            # optional; paired differences are taken against it
+    results: results/tail_study       # optional; where finished cells are collected (default
+                                      # results/<name>, relative to where the study runs)
 
 ``overrides.output_dir`` places the study folder (default: the base config's ``output_dir``).
+Every cell trains with the same ``threads`` (the study file's, else 1), whatever ``--jobs`` is,
+because a run's digits depend on its thread count.
 Axes are config keys; the ``seed`` axis is the one results are averaged over. Cells are
 enumerated in grid order: the first axis varies slowest.
 """
@@ -30,7 +34,9 @@ import yaml
 from dscl.config import RunConfig, build_config, resolve_config_path
 from dscl.errors import ConfigError
 
-TOP_LEVEL_KEYS = ("name", "description", "base", "overrides", "axes", "baseline")
+TOP_LEVEL_KEYS = ("name", "description", "base", "overrides", "axes", "baseline", "results")
+RESULTS_ROOT = "results"  # the default results folder is results/<name>, from where it runs
+DEFAULT_THREADS = 1  # every cell's torch threads when the study file sets none
 SEED_AXIS = "seed"
 RESERVED_AXES = ("name", "output_dir")
 MAX_NAME_LENGTH = 150
@@ -73,6 +79,7 @@ class Study:
     baseline: dict[str, Any] | None
     study_dir: Path
     cells: list[Cell]
+    results_dir: Path = Path(RESULTS_ROOT)
 
     @property
     def seed_axis(self) -> str | None:
@@ -90,6 +97,7 @@ class Study:
         data["axes"] = {key: list(values) for key, values in self.axes.items()}
         if self.baseline is not None:
             data["baseline"] = dict(self.baseline)
+        data["results"] = str(self.results_dir)
         header = (
             "# dscl study: the study file as resolved (the base is a shipped name or an absolute "
             "path).\n# Run it again with: dscl study --config <this file>\n"
@@ -202,6 +210,10 @@ def load_study(path: str | Path) -> Study:
         _check_key(path, "overrides", key)
     if "name" in overrides:
         raise _fail(path, "overrides.name: the study names its cells; use the study's name")
+    axes = _read_axes(path, data, overrides)
+    baseline = _read_baseline(path, data, axes)
+    if "threads" not in overrides and "threads" not in axes:
+        overrides = {**overrides, "threads": DEFAULT_THREADS}
     override_texts = tuple(
         f"{k}={value_text(v)}" for k, v in overrides.items() if k != "output_dir"
     )
@@ -210,9 +222,9 @@ def load_study(path: str | Path) -> Study:
     except ConfigError as err:
         raise _fail(path, f"overrides: {err}") from None
     study_dir = Path(probe.output_dir) / name
-
-    axes = _read_axes(path, data, overrides)
-    baseline = _read_baseline(path, data, axes)
+    results = data.get("results", f"{RESULTS_ROOT}/{name}")
+    if not isinstance(results, str) or not results:
+        raise _fail(path, f"results: need a folder path, got {results!r}")
 
     cells: list[Cell] = []
     seen: dict[str, dict] = {}
@@ -246,6 +258,7 @@ def load_study(path: str | Path) -> Study:
         baseline=baseline,
         study_dir=study_dir,
         cells=cells,
+        results_dir=Path(results),
     )
 
 
