@@ -46,7 +46,20 @@ def draw_color(
 ) -> ColorParams:
     """Colour-op parameters of ``n`` images; draws the same numbers whatever the outcomes."""
     u = torch.rand(n, 8, generator=generator, device=device)
-    order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)
+    v = torch.rand(n, 4, generator=generator, device=device)
+    return color_params(u, v, hue, p_jitter, p_gray, p_blur)
+
+
+def color_params(
+    u: Tensor, v: Tensor, hue: float, p_jitter: float, p_gray: float, p_blur: float
+) -> ColorParams:
+    """The parameters ``draw_color`` makes of its uniforms ``u`` (N, 8) and ``v`` (N, 4).
+
+    Element-wise in the uniforms, so a batch of rows drawn image by image gives each image the
+    parameters it would have had alone (the fast file path draws in the workers and builds the
+    parameters of the whole batch here).
+    """
+    order = torch.argsort(v, dim=1)
     low = 1.0 - JITTER_STRENGTH
     factors = torch.cat([low + 2 * JITTER_STRENGTH * u[:, 1:4], hue * (2 * u[:, 4:5] - 1)], 1)
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7]

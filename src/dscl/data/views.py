@@ -209,14 +209,38 @@ def _finish(
     query: Tensor, key: Tensor, patches: Tensor, params: ViewParams, cfg: ViewConfig
 ) -> dict[str, Tensor]:
     """Colour + normalisation shared by both paths; views (N, 3, S, S), patches (N, L, 3, P, P)."""
-    if params.query_color is not None:
-        query = apply_color(
-            query, params.query_color, blur_kernel_size(cfg.view_size, cfg.blur_min_size)
-        )
-        key = apply_color(key, params.key_color, 0)
+    colors = (params.query_color, params.patch_color, params.key_color)
+    return finish_views(query, key, patches, params.patch_boxes, params.patch_flips, colors, cfg)
+
+
+def finish_views(
+    query: Tensor,
+    key: Tensor,
+    patches: Tensor,
+    boxes: Tensor,
+    patch_flips: Tensor,
+    colors: tuple[ColorParams | None, ColorParams | None, ColorParams | None],
+    cfg: ViewConfig,
+) -> dict[str, Tensor]:
+    """Colour + normalisation of cropped views: every path's last step (the fast file path too).
+
+    Args:
+        query, key: (N, 3, S, S) float in [0, 1], cropped, resized and flipped.
+        patches: (N, L, 3, P, P) float in [0, 1].
+        boxes, patch_flips: (N, L, 4) and (N, L), passed through.
+        colors: colour parameters of the N queries, N·L patches and N keys (None: no colour).
+        cfg: view settings (blur sizes, mean, std).
+
+    Returns:
+        The dict of ``BatchedMultiView``.
+    """
+    query_color, patch_color, key_color = colors
+    if query_color is not None:
+        query = apply_color(query, query_color, blur_kernel_size(cfg.view_size, cfg.blur_min_size))
+        key = apply_color(key, key_color, 0)
         flat = apply_color(
             patches.flatten(0, 1),
-            params.patch_color,
+            patch_color,
             blur_kernel_size(cfg.patch_px, cfg.blur_min_size),
         )  # (N·L, 3, P, P)
         patches = flat.view_as(patches)
@@ -224,8 +248,8 @@ def _finish(
         "query": normalise(query, cfg.mean, cfg.std),
         "key": normalise(key, cfg.mean, cfg.std),
         "patches": normalise(patches, cfg.mean, cfg.std),
-        "boxes": params.patch_boxes,
-        "patch_flips": params.patch_flips,
+        "boxes": boxes,
+        "patch_flips": patch_flips,
     }
 
 

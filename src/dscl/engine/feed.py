@@ -1,10 +1,13 @@
 """Batches for the training loops and evaluation.
 
-Two paths with the same semantics:
+Three paths with the same semantics:
 - in memory: datasets that expose ``tensor_images()`` (Fashion-MNIST, CIFAR, synthetic) are moved to
   the device once as uint8 and augmented there a whole batch at a time (``BatchedMultiView``);
-- per sample: any other dataset goes through a DataLoader whose workers run the per-sample
-  transforms.
+- image files, fast (``file_views="fast"``, the default for image-file datasets): DataLoader
+  workers decode each file once and crop it to uint8 views (``dscl.data.fileviews``), the main
+  process runs the colour ops on the whole batch on the device;
+- per sample: any other dataset (and image files with ``file_views="per_sample"``) goes through a
+  DataLoader whose workers run the per-sample transforms.
 Which images a rank sees in an epoch and how they are augmented depend only on (seed, epoch,
 rank), and an epoch can start at any batch (:meth:`TrainFeed.epoch`), so training resumes exactly
 from a mid-epoch checkpoint.
@@ -19,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dscl import dist
+from dscl.data.fileviews import FileCrops, finish_batch
+from dscl.data.imagesets import ImageFileDataset
 from dscl.data.samplers import ClassBalancedSampler
 from dscl.data.views import (
     BatchedMultiView,
@@ -29,7 +34,10 @@ from dscl.data.views import (
     classifier_train_transform,
     eval_transform,
 )
+from dscl.errors import DataError
 from dscl.methods.base import CLASSIFY, VIEWS
+
+FILE_VIEWS = ("fast", "per_sample")  # data.file_views
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -55,6 +63,10 @@ class TrainFeed:
         device: where batches are made.
         num_workers: DataLoader workers for the per-sample path.
         in_memory: use the on-device path when the dataset supports it.
+        file_views: ``"fast"`` or ``"per_sample"``: how an image-file dataset is fed (see the
+            module docstring).
+        jpeg_draft: 0, or (fast path) decode JPEGs at the DCT scale 1/2, 1/4 or 1/8 that keeps
+            the shorter side >= this many pixels.
     """
 
     def __init__(
@@ -69,9 +81,15 @@ class TrainFeed:
         device: torch.device,
         num_workers: int = 0,
         in_memory: bool = True,
+        file_views: str = "fast",
+        jpeg_draft: int = 0,
     ) -> None:
         if kind not in (VIEWS, CLASSIFY):
             raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
+        if file_views not in FILE_VIEWS:
+            raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
+        self.fast_files = file_views == "fast" and isinstance(dataset, ImageFileDataset)
+        self.jpeg_draft = jpeg_draft
         self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
@@ -122,12 +140,14 @@ class TrainFeed:
         idx = self.indices(epoch)
         if self.images is not None:
             yield from self._in_memory(idx, epoch, start, generator_state)
+        elif self.fast_files:
+            yield from self._file_views(idx, epoch, start)
         else:
             yield from self._per_sample(idx, epoch, start)
 
     def position(self) -> torch.Tensor | None:
         """The state of the current epoch's augmentation generator (in-memory path), to be saved
-        with a mid-epoch checkpoint; None for the per-sample path, which needs none."""
+        with a mid-epoch checkpoint; None for the DataLoader paths, which need none."""
         return None if self.generator is None else self.generator.get_state()
 
     def _in_memory(
@@ -154,18 +174,16 @@ class TrainFeed:
                 }
             yield Batch(inputs, labels)
 
-    def _per_sample(self, idx: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
-        cfg = self.view_cfg
-        if self.kind == VIEWS:
-            self.dataset.transform = MultiViewTransform(cfg)
-        else:
-            self.dataset.transform = classifier_train_transform(cfg.view_size, cfg.mean, cfg.std)
-        self.generator = None
+    def _positions(self, idx: torch.Tensor, epoch: int, start: int) -> list[tuple[int, int]]:
+        """(seed, index) of every sample from batch ``start`` on: one seed per position in the
+        epoch, so a sample's augmentation does not depend on the worker or the resume point."""
         base = _epoch_seed(self.seed, epoch, self.rank)
         first = start * self.batch_size
-        positions = [(base + p, int(i)) for p, i in enumerate(idx.tolist()) if p >= first]
-        loader = DataLoader(
-            PositionSeeded(self.dataset),
+        return [(base + p, int(i)) for p, i in enumerate(idx.tolist()) if p >= first]
+
+    def _loader(self, dataset: Dataset, positions: list[tuple[int, int]], seed: int) -> DataLoader:
+        return DataLoader(
+            dataset,
             batch_size=self.batch_size,
             sampler=positions,
             num_workers=self.num_workers,
@@ -174,7 +192,28 @@ class TrainFeed:
             persistent_workers=False,
             # its own generator: the loader's seed draw must not advance the global RNG, or a
             # resumed epoch would continue with another RNG state than an uninterrupted one
-            generator=torch.Generator().manual_seed(base),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _file_views(self, idx: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
+        self.generator = None
+        crops = FileCrops(self.dataset, self.kind, self.view_cfg, self.jpeg_draft)
+        positions = self._positions(idx, epoch, start)
+        loader = self._loader(crops, positions, _epoch_seed(self.seed, epoch, self.rank))
+        for sample, labels in _worker_errors(loader):
+            inputs = finish_batch(sample, self.kind, self.view_cfg, self.device)
+            yield Batch(inputs, labels.to(self.device, non_blocking=True))
+
+    def _per_sample(self, idx: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
+        cfg = self.view_cfg
+        if self.kind == VIEWS:
+            self.dataset.transform = MultiViewTransform(cfg)
+        else:
+            self.dataset.transform = classifier_train_transform(cfg.view_size, cfg.mean, cfg.std)
+        self.generator = None
+        positions = self._positions(idx, epoch, start)
+        loader = self._loader(
+            PositionSeeded(self.dataset), positions, _epoch_seed(self.seed, epoch, self.rank)
         )
         for sample, labels in loader:
             if self.kind == VIEWS:
@@ -182,6 +221,21 @@ class TrainFeed:
             else:
                 inputs = {"image": sample.to(self.device, non_blocking=True)}
             yield Batch(inputs, labels.to(self.device, non_blocking=True))
+
+
+def _worker_errors(loader: DataLoader) -> Iterator:
+    """``loader``'s batches; a ``DataError`` raised in a worker is raised again with its own
+    one-line message (a DataLoader wraps it in "Caught DataError in DataLoader worker ..." and
+    the worker's traceback)."""
+    try:
+        yield from loader
+    except DataError as err:
+        text = str(err)
+        last = text.rstrip().splitlines()[-1] if text.strip() else ""
+        prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+        if text.startswith("Caught DataError") and last.startswith(prefix):
+            raise DataError(last[len(prefix) :]) from None
+        raise
 
 
 class PositionSeeded(Dataset):

@@ -54,6 +54,8 @@ class StageContext:
             device=self.device,
             num_workers=d.num_workers,
             in_memory=d.batched_views,
+            file_views=d.file_views,
+            jpeg_draft=d.jpeg_draft,
         )
 
     def eval_batches(self, dataset):

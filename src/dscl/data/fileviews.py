@@ -1,0 +1,247 @@
+"""The fast path for image files: decode once, crop in the workers, colour on the device.
+
+The per-sample path (``MultiViewTransform`` / ``ClassifierTrainTransform`` in DataLoader
+workers) does everything in float for one image at a time. Here the work is split:
+
+- **Workers** (``FileCrops``, items ``(seed, index)`` as ``engine.feed.PositionSeeded``'s): decode
+  the file once (``dscl.data.decode``), draw every random parameter from a generator seeded with
+  the item's seed, in the order and with the formulas of ``views.draw_view_params`` (so the same
+  boxes, flips and colour parameters as the per-sample path for the same position), and crop and
+  resize the query, key and patches (or stage 2's one view) to their sizes as **uint8** tensors
+  (torch's uint8 antialiased bilinear kernel: the filter of ``crop_ops``, rounded to integers).
+  The colour parameters travel as their raw uniforms.
+- **The main process** (``finish_batch``) moves the uint8 batch to the training device and runs
+  the batched colour ops of the in-memory path (``views.finish_views``: jitter, grayscale, blur,
+  normalisation) on the whole batch.
+
+Against the per-sample path the boxes, flips and colour parameters are equal; pixels differ by the
+uint8 rounding of the crops (the patches are cut from the rounded query view), at most one level
+before the colour ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dscl.data.classifier_views import _classifier_scale
+from dscl.data.color_ops import ColorParams, color_params
+from dscl.data.crop_ops import CROP_ATTEMPTS, CROP_RATIO, P_FLIP, normalise
+from dscl.data.decode import decode_rgb
+from dscl.data.imagesets import ImageFileDataset
+from dscl.data.views import P_BLUR, P_GRAY, P_JITTER, QUERY_HUE, ViewConfig, finish_views
+
+VIEWS, CLASSIFY = "views", "classify"  # the feed kinds (dscl.methods.base), without importing it
+COLOR_COLUMNS = 12  # draw_color's uniforms: u (8) then v (4)
+
+
+# ------------------------------------------------------------------ parameters, as drawn per image
+
+
+def boxes_from_uniforms(
+    u: Tensor, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> list[tuple[int, int, int, int]]:
+    """``crop_ops.draw_boxes`` for a float64 CPU ``u`` of its (n, 2A + 2) uniforms, as integers.
+
+    The same arithmetic in the same order in Python floats (IEEE double, as torch's float64 CPU
+    ops; ``round`` is half-to-even like ``torch.round``), except the exponential, which is
+    torch's on a tensor of the same shape, so the boxes are equal to ``draw_boxes``' bit for bit
+    at a fraction of its cost for one image (it runs some 35 tensor ops).
+    """
+    tries = CROP_ATTEMPTS
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspects = torch.exp(log_low + (log_high - log_low) * u[:, tries : 2 * tries]).tolist()
+    if width / height < ratio[0]:  # central fallback: whole frame, aspect clamped into ratio
+        fallback = (width, round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        fallback = (round(height * ratio[1]), height)
+    else:
+        fallback = (width, height)
+    frame, low, span = height * width, scale[0], scale[1] - scale[0]
+    boxes = []
+    for row, aspect in zip(u.tolist(), aspects, strict=True):
+        for k in range(tries):
+            area = frame * (low + span * row[k])
+            w = round(math.sqrt(area * aspect[k]))
+            h = round(math.sqrt(area / aspect[k]))
+            if 1 <= w <= width and 1 <= h <= height:
+                x1 = min(math.floor(row[-2] * (width - w + 1)), width - w)
+                y1 = min(math.floor(row[-1] * (height - h + 1)), height - h)
+                break
+        else:
+            w, h = fallback
+            x1, y1 = (width - w) // 2, (height - h) // 2
+        boxes.append((x1, y1, x1 + w, y1 + h))
+    return boxes
+
+
+def _rand_boxes(g: torch.Generator, n: int) -> Tensor:
+    return torch.rand(n, 2 * CROP_ATTEMPTS + 2, generator=g, dtype=torch.float64)
+
+
+def _rand_flips(g: torch.Generator, n: int) -> list[bool]:
+    return (torch.rand(n, generator=g) < P_FLIP).tolist()
+
+
+def _rand_color(g: torch.Generator, n: int) -> Tensor:
+    u = torch.rand(n, 8, generator=g)
+    v = torch.rand(n, 4, generator=g)
+    return torch.cat([u, v], dim=1)  # (n, 12)
+
+
+# ------------------------------------------------------------------------------ uint8 crops
+
+
+def crop_u8(image: Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> Tensor:
+    """Crop (H, W, 3) uint8 ``image`` at ``box``, resize to (size, size, 3) uint8 (+ flip).
+
+    Pixels stay in (H, W, 3) order throughout, as the decoders give them: torch's uint8
+    antialiased bilinear kernel is fast only on that (channels-last) layout, and a change of
+    layout per crop would cost as much as the resize. The result is contiguous.
+    """
+    x1, y1, x2, y2 = box
+    crop = image[y1:y2, x1:x2].permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last strides
+    crop = crop.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(
+        crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0].permute(1, 2, 0)  # (size, size, 3), contiguous
+    return out.flip(1) if flip else out
+
+
+def to_planes(images: Tensor) -> Tensor:
+    """(..., H, W, 3) uint8 → (..., 3, H, W) float32 in [0, 1], contiguous (``to_unit``'s
+    values, laid out as the in-memory path's crops), in one strided copy."""
+    out = torch.empty(
+        (*images.shape[:-3], 3, *images.shape[-3:-1]), dtype=torch.float32, device=images.device
+    )
+    out.copy_(images.movedim(-1, -3))
+    return out.div_(255)
+
+
+def view_crops(image: Tensor, cfg: ViewConfig, g: torch.Generator) -> dict[str, Tensor]:
+    """The stage-1 crops of one decoded (H, W, 3) uint8 image: the workers' part of the fast path.
+
+    Draws in the order of ``draw_view_params(cfg, 1, H, W, g)``: query box and flip, patch boxes
+    and flips, key box and flip, then (colour on) the colour uniforms of the query, the patches
+    and the key.
+
+    Returns:
+        ``query``/``key`` (S, S, 3) uint8, ``patches`` (L, P, P, 3) uint8, ``boxes`` (L, 4)
+        float32 in query-view pixels, ``patch_flips`` (L,) bool, and with colour ``color``
+        (2 + L, 12) float32: the uniforms of the query, the L patches and the key.
+    """
+    # L patches, S view size, P patch size
+    height, width = image.shape[:2]
+    size, patch, num_patches = cfg.view_size, cfg.patch_px, cfg.num_patches
+    query_box = boxes_from_uniforms(
+        _rand_boxes(g, 1), height, width, cfg.crop_scale, cfg.crop_ratio
+    )
+    query_flip = _rand_flips(g, 1)[0]
+    patch_boxes = boxes_from_uniforms(
+        _rand_boxes(g, num_patches), size, size, cfg.patch_scale, cfg.patch_ratio
+    )
+    patch_flips = _rand_flips(g, num_patches)
+    key_box = boxes_from_uniforms(_rand_boxes(g, 1), height, width, cfg.crop_scale, cfg.crop_ratio)
+    key_flip = _rand_flips(g, 1)[0]
+    out = {}
+    if cfg.color_augment:
+        out["color"] = torch.cat(
+            [_rand_color(g, 1), _rand_color(g, num_patches), _rand_color(g, 1)]
+        )
+    query = crop_u8(image, query_box[0], size, query_flip)  # (S, S, 3)
+    crops = [
+        crop_u8(query, box, patch, flip) for box, flip in zip(patch_boxes, patch_flips, strict=True)
+    ]
+    out["query"] = query
+    out["key"] = crop_u8(image, key_box[0], size, key_flip)
+    out["patches"] = torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3)
+    out["boxes"] = torch.tensor(patch_boxes, dtype=torch.float32).view(num_patches, 4)
+    out["patch_flips"] = torch.tensor(patch_flips, dtype=torch.bool)
+    return out
+
+
+def classifier_crop(
+    image: Tensor, view_size: int, scale: tuple[float, float], g: torch.Generator
+) -> Tensor:
+    """Stage 2's training view of (H, W, 3) uint8 ``image`` as (S, S, 3) uint8: the draws of
+    ``ClassifierTrainTransform`` (a box, then a flip)."""
+    height, width = image.shape[:2]
+    box = boxes_from_uniforms(_rand_boxes(g, 1), height, width, scale, CROP_RATIO)[0]
+    return crop_u8(image, box, view_size, _rand_flips(g, 1)[0])
+
+
+class FileCrops(Dataset):
+    """Items ``(seed, index)`` → (crops, label) of an image-file dataset (the workers' part).
+
+    Args:
+        dataset: the image files and labels.
+        kind: ``"views"`` (stage 1: ``view_crops``) or ``"classify"`` (stage 2).
+        cfg: view settings.
+        draft_side: 0, or decode JPEGs at a reduced DCT scale (``decode.decode_rgb``).
+
+    Each item's parameters come from a generator seeded with its ``seed``, which draws the same
+    numbers as torch's global RNG seeded with it (the per-sample path's ``PositionSeeded``), so a
+    position in the epoch gets the same augmentation on either path, in any worker, resumed or
+    not. An unreadable file raises the per-sample path's ``DataError``.
+    """
+
+    def __init__(
+        self, dataset: ImageFileDataset, kind: str, cfg: ViewConfig, draft_side: int = 0
+    ) -> None:
+        if kind not in (VIEWS, CLASSIFY):
+            raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
+        self.paths, self.targets = dataset.paths, dataset.targets
+        self.kind, self.cfg, self.draft_side = kind, cfg, draft_side
+        self.scale = _classifier_scale(cfg.view_size, None)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        seed, index = item
+        g = torch.Generator().manual_seed(seed)
+        image = decode_rgb(self.paths[index], self.draft_side).permute(1, 2, 0)  # (H, W, 3)
+        if self.kind == VIEWS:
+            return view_crops(image, self.cfg, g), self.targets[index]
+        return classifier_crop(image, self.cfg.view_size, self.scale, g), self.targets[index]
+
+
+# ------------------------------------------------------------------------ the main process's part
+
+
+def batch_colors(color: Tensor, num_patches: int) -> tuple[ColorParams, ColorParams, ColorParams]:
+    """Colour parameters of a batch from its stacked uniforms (B, 2 + L, 12): query, patches
+    (B·L, image-major as ``finish_views`` flattens them) and key."""
+    # B batch, L patches
+    query, patches, key = color[:, 0], color[:, 1 : 1 + num_patches], color[:, 1 + num_patches]
+    patches = patches.reshape(-1, COLOR_COLUMNS)  # (B·L, 12)
+    return (
+        color_params(query[:, :8], query[:, 8:], QUERY_HUE, P_JITTER, P_GRAY, P_BLUR),
+        color_params(patches[:, :8], patches[:, 8:], QUERY_HUE, P_JITTER, P_GRAY, P_BLUR),
+        color_params(key[:, :8], key[:, 8:], 0.0, 1.0, 0.0, 0.0),  # key: jitter always, no hue
+    )
+
+
+def finish_batch(sample, kind: str, cfg: ViewConfig, device: torch.device) -> dict[str, Tensor]:
+    """The main process's part: a collated batch of ``FileCrops`` items → model inputs on
+    ``device`` (colour ops and normalisation on the whole batch there)."""
+    if kind == CLASSIFY:
+        image = to_planes(sample.to(device, non_blocking=True))  # (B, 3, S, S)
+        return {"image": normalise(image, cfg.mean, cfg.std)}
+    moved = {k: v.to(device, non_blocking=True) for k, v in sample.items()}
+    colors = (None, None, None)
+    if "color" in moved:
+        colors = batch_colors(moved["color"], cfg.num_patches)
+    return finish_views(
+        to_planes(moved["query"]),
+        to_planes(moved["key"]),
+        to_planes(moved["patches"]),
+        moved["boxes"],
+        moved["patch_flips"],
+        colors,
+        cfg,
+    )
