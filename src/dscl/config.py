@@ -56,6 +56,7 @@ class DataConfig:
     # the device) or "per_sample" (the whole transform per image in the workers)
     file_views: str = "fast"
     jpeg_draft: int = 0  # fast path: decode JPEGs at 1/2..1/8 scale keeping this shorter side
+    decode_on_device: bool = False  # fast path on CUDA: decode JPEGs there (nvJPEG), not in workers
     batched_views: bool = True  # build views on the device when the dataset fits in memory
     many_threshold: int = 100  # Many: more than this many training images
     few_threshold: int = 20  # Few: fewer than this many
@@ -139,6 +140,10 @@ class RunConfig:
             raise ConfigError(f"data.file_views: {self.data.file_views!r} is not fast/per_sample")
         if self.data.jpeg_draft and self.data.file_views != "fast":
             raise ConfigError("data.jpeg_draft: applies to data.file_views=fast only")
+        if self.data.decode_on_device and (self.data.file_views != "fast" or self.data.jpeg_draft):
+            raise ConfigError(
+                "data.decode_on_device: needs data.file_views=fast and data.jpeg_draft=0"
+            )
         order = self.data.class_order
         if isinstance(order, str) and order != "label":
             raise ConfigError(f"data.class_order: {order!r} is neither 'label' nor an integer seed")

@@ -388,3 +388,60 @@ def test_pil_bytes_roundtrip_helper():
     image.save(buffer, "PNG")
     tensor = pil_tensor(Image.open(buffer).convert("RGB"))
     assert tensor.shape == (3, 6, 9) and tensor.permute(1, 2, 0).is_contiguous()
+
+
+# ---------------------------------------------------------------- decoding on the device
+
+
+@pytest.mark.parametrize("kind", ["views", "classify"])
+def test_device_decode_path_on_the_cpu_equals_the_worker_path(jpegs, tmp_path, kind):
+    """data.decode_on_device's two halves run on the CPU here (torchvision's CPU decoder): the
+    same draws as the worker path, pixels up to its uint8 rounding; a PNG in the batch is cropped
+    in the worker; a bad JPEG stops with the per-sample message."""
+    from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
+
+    png = tmp_path / "extra.png"
+    Image.fromarray(smooth_image(50, 70, 9)).save(png)
+    dataset = ImageFileDataset([*jpegs.paths, str(png)], [*jpegs.targets, 0], ["a", "b"])
+    cfg = ViewConfig(view_size=32)
+    crops = FileCrops(dataset, kind, cfg)
+    positions = [(40 + i, i) for i in range(len(dataset))]
+    items, labels = collate_items([JpegBytes(crops)[p] for p in positions])
+    assert ["jpeg" in item for item in items] == [True] * len(jpegs) + [False]
+    out = DeviceDecoder(kind, cfg, CPU)(items)
+    ref = finish_batch(default_collate([crops[p][0] for p in positions]), kind, cfg, CPU)
+    assert torch.equal(labels, torch.tensor(dataset.targets))
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    names = ("query", "key", "patches") if kind == "views" else ("image",)
+    for name in names:
+        diff = ((out[name] - ref[name]) * std).abs()
+        assert diff.max() <= (0.05 if kind == "views" else CROP_TOLERANCE), (
+            name
+        )  # colour: see above
+    if kind == "views":
+        assert torch.equal(out["boxes"], ref["boxes"])
+        assert torch.equal(out["patch_flips"], ref["patch_flips"])
+    bad = _bad_files(tmp_path)[1]  # truncated: its header parses, the decoder refuses it
+    bad_set = ImageFileDataset([bad], [0], ["a"])
+    item = JpegBytes(FileCrops(bad_set, kind, cfg))[(0, 0)][0]
+    assert "jpeg" in item
+    expected = _message(lambda: bad_set[0])
+    assert _message(lambda: DeviceDecoder(kind, cfg, CPU)([item])) == expected
+
+
+def test_decode_on_device_is_a_cuda_option():
+    cfg = RunConfig()
+    cfg.data.decode_on_device, cfg.data.jpeg_draft = True, 64
+    with pytest.raises(ConfigError, match=r"^data\.decode_on_device: "):
+        cfg.validate()
+
+
+def test_the_feed_decodes_on_the_device_only_when_it_is_cuda(jpegs):
+    feed = _feed(jpegs, "views", decode_on_device=True)
+    assert not feed.device_decode  # a CPU: the workers decode
+    plain = list(feed.epoch(0))
+    feed.device_decode = True  # the CUDA code path, with torchvision's CPU decoder
+    forced = list(feed.epoch(0, start=1))
+    for a, b in zip(plain[1:], forced, strict=True):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs["boxes"], b.inputs["boxes"])
+        assert (a.inputs["query"] - b.inputs["query"]).abs().max() < 0.25

@@ -22,6 +22,7 @@ before the colour ops.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,46 @@ def boxes_from_uniforms(
 
     The same arithmetic in the same order in Python floats (IEEE double, as torch's float64 CPU
     ops; ``round`` is half-to-even like ``torch.round``), except the exponential, which is
-    torch's on a tensor of the same shape, so the boxes are equal to ``draw_boxes``' bit for bit
-    at a fraction of its cost for one image (it runs some 35 tensor ops).
+    torch's (``math.exp`` differs from it in the last bit now and then), so the boxes are equal to
+    ``draw_boxes``' bit for bit at a fraction of its cost for one image (it runs some 35 tensor
+    ops).
     """
+    rows = u.tolist()
+    return _boxes(rows, _aspects([(rows, ratio)])[0], height, width, scale, ratio)
+
+
+def _aspects(
+    groups: list[tuple[list[list[float]], tuple[float, float]]],
+) -> list[list[list[float]]]:
+    """The attempts' aspect ratios exp(log r0 + (log r1 - log r0) · u) of every row of every
+    (rows, ratio) group, in one ``torch.exp`` call: torch's float64 exponential gives every
+    element the same value whatever the tensor it is part of (vectorised, tails included)."""
     tries = CROP_ATTEMPTS
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspects = torch.exp(log_low + (log_high - log_low) * u[:, tries : 2 * tries]).tolist()
+    args, shape = [], []
+    for rows, ratio in groups:
+        log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+        span = log_high - log_low
+        for row in rows:
+            args.extend(log_low + span * value for value in row[tries : 2 * tries])
+        shape.append(len(rows))
+    flat = torch.exp(torch.tensor(args, dtype=torch.float64)).tolist()
+    out, at = [], 0
+    for count in shape:
+        out.append([flat[at + tries * r : at + tries * (r + 1)] for r in range(count)])
+        at += tries * count
+    return out
+
+
+def _boxes(
+    rows: list[list[float]],
+    aspects: list[list[float]],
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> list[tuple[int, int, int, int]]:
+    """draw_boxes' rule for rows of uniforms and their attempts' aspect ratios."""
+    tries = CROP_ATTEMPTS
     if width / height < ratio[0]:  # central fallback: whole frame, aspect clamped into ratio
         fallback = (width, round(width / ratio[0]))
     elif width / height > ratio[1]:
@@ -63,7 +98,7 @@ def boxes_from_uniforms(
         fallback = (width, height)
     frame, low, span = height * width, scale[0], scale[1] - scale[0]
     boxes = []
-    for row, aspect in zip(u.tolist(), aspects, strict=True):
+    for row, aspect in zip(rows, aspects, strict=True):
         for k in range(tries):
             area = frame * (low + span * row[k])
             w = round(math.sqrt(area * aspect[k]))
@@ -122,46 +157,77 @@ def to_planes(images: Tensor) -> Tensor:
     return out.div_(255)
 
 
+@dataclass
+class Draws:
+    """Every random parameter of one image's stage-1 views, as ``view_crops`` draws them."""
+
+    query_box: tuple[int, int, int, int]
+    query_flip: bool
+    patch_boxes: list[tuple[int, int, int, int]]
+    patch_flips: list[bool]
+    key_box: tuple[int, int, int, int]
+    key_flip: bool
+    color: Tensor | None  # (2 + L, 12) uniforms of the query, the patches, the key
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The parameters a batch carries: boxes (L, 4) float32, patch_flips (L,), color."""
+        out = {
+            "boxes": torch.tensor(self.patch_boxes, dtype=torch.float32).view(-1, 4),
+            "patch_flips": torch.tensor(self.patch_flips, dtype=torch.bool),
+        }
+        if self.color is not None:
+            out["color"] = self.color
+        return out
+
+
+def draw_views(height: int, width: int, cfg: ViewConfig, g: torch.Generator) -> Draws:
+    """The stage-1 parameters of a height×width image, in the order of
+    ``draw_view_params(cfg, 1, height, width, g)``: query box and flip, patch boxes and flips,
+    key box and flip, then (colour on) the colour uniforms of the query, the patches and the
+    key."""
+    size, num_patches = cfg.view_size, cfg.num_patches
+    query_u, query_flip = _rand_boxes(g, 1).tolist(), _rand_flips(g, 1)[0]
+    patch_u, patch_flips = _rand_boxes(g, num_patches).tolist(), _rand_flips(g, num_patches)
+    key_u, key_flip = _rand_boxes(g, 1).tolist(), _rand_flips(g, 1)[0]
+    query_a, patch_a, key_a = _aspects(
+        [(query_u, cfg.crop_ratio), (patch_u, cfg.patch_ratio), (key_u, cfg.crop_ratio)]
+    )
+    color = None
+    if cfg.color_augment:
+        color = torch.cat([_rand_color(g, 1), _rand_color(g, num_patches), _rand_color(g, 1)])
+    return Draws(
+        _boxes(query_u, query_a, height, width, cfg.crop_scale, cfg.crop_ratio)[0],
+        query_flip,
+        _boxes(patch_u, patch_a, size, size, cfg.patch_scale, cfg.patch_ratio),
+        patch_flips,
+        _boxes(key_u, key_a, height, width, cfg.crop_scale, cfg.crop_ratio)[0],
+        key_flip,
+        color,
+    )
+
+
 def view_crops(image: Tensor, cfg: ViewConfig, g: torch.Generator) -> dict[str, Tensor]:
     """The stage-1 crops of one decoded (H, W, 3) uint8 image: the workers' part of the fast path.
-
-    Draws in the order of ``draw_view_params(cfg, 1, H, W, g)``: query box and flip, patch boxes
-    and flips, key box and flip, then (colour on) the colour uniforms of the query, the patches
-    and the key.
 
     Returns:
         ``query``/``key`` (S, S, 3) uint8, ``patches`` (L, P, P, 3) uint8, ``boxes`` (L, 4)
         float32 in query-view pixels, ``patch_flips`` (L,) bool, and with colour ``color``
-        (2 + L, 12) float32: the uniforms of the query, the L patches and the key.
+        (2 + L, 12) float32: the uniforms of the query, the L patches and the key (``draw_views``).
     """
     # L patches, S view size, P patch size
-    height, width = image.shape[:2]
-    size, patch, num_patches = cfg.view_size, cfg.patch_px, cfg.num_patches
-    query_box = boxes_from_uniforms(
-        _rand_boxes(g, 1), height, width, cfg.crop_scale, cfg.crop_ratio
-    )
-    query_flip = _rand_flips(g, 1)[0]
-    patch_boxes = boxes_from_uniforms(
-        _rand_boxes(g, num_patches), size, size, cfg.patch_scale, cfg.patch_ratio
-    )
-    patch_flips = _rand_flips(g, num_patches)
-    key_box = boxes_from_uniforms(_rand_boxes(g, 1), height, width, cfg.crop_scale, cfg.crop_ratio)
-    key_flip = _rand_flips(g, 1)[0]
-    out = {}
-    if cfg.color_augment:
-        out["color"] = torch.cat(
-            [_rand_color(g, 1), _rand_color(g, num_patches), _rand_color(g, 1)]
-        )
-    query = crop_u8(image, query_box[0], size, query_flip)  # (S, S, 3)
+    draws = draw_views(image.shape[0], image.shape[1], cfg, g)
+    size, patch = cfg.view_size, cfg.patch_px
+    query = crop_u8(image, draws.query_box, size, draws.query_flip)  # (S, S, 3)
     crops = [
-        crop_u8(query, box, patch, flip) for box, flip in zip(patch_boxes, patch_flips, strict=True)
+        crop_u8(query, box, patch, flip)
+        for box, flip in zip(draws.patch_boxes, draws.patch_flips, strict=True)
     ]
-    out["query"] = query
-    out["key"] = crop_u8(image, key_box[0], size, key_flip)
-    out["patches"] = torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3)
-    out["boxes"] = torch.tensor(patch_boxes, dtype=torch.float32).view(num_patches, 4)
-    out["patch_flips"] = torch.tensor(patch_flips, dtype=torch.bool)
-    return out
+    return {
+        "query": query,
+        "key": crop_u8(image, draws.key_box, size, draws.key_flip),
+        "patches": torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3),
+        **draws.tensors(),
+    }
 
 
 def classifier_crop(

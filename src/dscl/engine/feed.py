@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dscl import dist
+from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
 from dscl.data.fileviews import FileCrops, finish_batch
 from dscl.data.imagesets import ImageFileDataset
 from dscl.data.samplers import ClassBalancedSampler
@@ -67,6 +68,9 @@ class TrainFeed:
             module docstring).
         jpeg_draft: 0, or (fast path) decode JPEGs at the DCT scale 1/2, 1/4 or 1/8 that keeps
             the shorter side >= this many pixels.
+        decode_on_device: (fast path, CUDA devices) the workers only read the JPEGs' bytes and
+            the main process decodes a batch at a time on the device (nvJPEG); elsewhere the
+            workers decode.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class TrainFeed:
         in_memory: bool = True,
         file_views: str = "fast",
         jpeg_draft: int = 0,
+        decode_on_device: bool = False,
     ) -> None:
         if kind not in (VIEWS, CLASSIFY):
             raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
@@ -90,6 +95,8 @@ class TrainFeed:
             raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
         self.fast_files = file_views == "fast" and isinstance(dataset, ImageFileDataset)
         self.jpeg_draft = jpeg_draft
+        # decoding on the device needs nvJPEG; on a CPU the workers decode (tests force it)
+        self.device_decode = bool(decode_on_device) and device.type == "cuda"
         self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
@@ -181,9 +188,12 @@ class TrainFeed:
         first = start * self.batch_size
         return [(base + p, int(i)) for p, i in enumerate(idx.tolist()) if p >= first]
 
-    def _loader(self, dataset: Dataset, positions: list[tuple[int, int]], seed: int) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, positions: list[tuple[int, int]], seed: int, collate_fn=None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
+            collate_fn=collate_fn,
             batch_size=self.batch_size,
             sampler=positions,
             num_workers=self.num_workers,
@@ -199,7 +209,14 @@ class TrainFeed:
         self.generator = None
         crops = FileCrops(self.dataset, self.kind, self.view_cfg, self.jpeg_draft)
         positions = self._positions(idx, epoch, start)
-        loader = self._loader(crops, positions, _epoch_seed(self.seed, epoch, self.rank))
+        seed = _epoch_seed(self.seed, epoch, self.rank)
+        if self.device_decode:
+            decoder = DeviceDecoder(self.kind, self.view_cfg, self.device)
+            loader = self._loader(JpegBytes(crops), positions, seed, collate_items)
+            for items, labels in _worker_errors(loader):
+                yield Batch(decoder(items), labels.to(self.device, non_blocking=True))
+            return
+        loader = self._loader(crops, positions, seed)
         for sample, labels in _worker_errors(loader):
             inputs = finish_batch(sample, self.kind, self.view_cfg, self.device)
             yield Batch(inputs, labels.to(self.device, non_blocking=True))

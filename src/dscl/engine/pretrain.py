@@ -56,6 +56,7 @@ class StageContext:
             in_memory=d.batched_views,
             file_views=d.file_views,
             jpeg_draft=d.jpeg_draft,
+            decode_on_device=d.decode_on_device,
         )
 
     def eval_batches(self, dataset):
