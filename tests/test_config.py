@@ -23,7 +23,8 @@ def test_defaults_are_the_papers_settings():
     cfg = RunConfig()
     assert cfg.method == "dscl+pbsd"
     p = cfg.pretrain
-    assert (p.temperature, p.beta, p.pbsd_weight, p.encoder_momentum) == (0.07, 8.0, 1.5, 0.999)
+    assert (p.temperature, p.encoder_momentum) == (0.07, 0.999)
+    assert cfg.section("dscl").beta == 8.0 and cfg.section("pbsd").weight == 1.5
     assert (p.momentum, p.weight_decay, p.base_lr, p.warmup_epochs) == (0.9, 5e-4, 0.1, 10)
     assert cfg.classifier.milestones == [20, 30] and cfg.classifier.base_lr == 10.0
     assert cfg.data.num_patches == 5 and cfg.model.embed_dim == 128
@@ -31,11 +32,11 @@ def test_defaults_are_the_papers_settings():
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: supcon\npretrain:\n  epochs: 7\n  beta: 2\n")
+    path.write_text("method: dscl\npretrain:\n  epochs: 7\ndscl:\n  beta: 2\n")
     cfg = build_config(path, ["pretrain.epochs=3", "data.mean=[0.1, 0.2, 0.3]", "name=x"])
-    assert cfg.method == "supcon"
+    assert cfg.method == "dscl"
     assert cfg.pretrain.epochs == 3  # the command line wins over the file
-    assert cfg.pretrain.beta == 2.0 and isinstance(cfg.pretrain.beta, float)
+    assert cfg.section("dscl").beta == 2.0 and isinstance(cfg.section("dscl").beta, float)
     assert cfg.data.mean == [0.1, 0.2, 0.3] and cfg.name == "x"
 
 
@@ -47,7 +48,12 @@ def test_yaml_then_overrides(tmp_path):
         ("pretrain.epochs=three", "pretrain.epochs: expected an integer"),
         ("pretrain.epochs=2.5", "pretrain.epochs: expected an integer"),
         ("channels_last=maybe", "channels_last: expected true or false"),
-        ("pretrain.beta=-1", "pretrain.beta: must not be negative"),
+        ("dscl.beta=-1", "dscl.beta: must not be negative"),
+        ("pbsd.weight=-1", "pbsd.weight: must not be negative"),
+        ("dscl.bta=1", "dscl.bta: unknown key (known keys here: beta)"),
+        ("pretrain.beta=2", "pretrain.beta: this setting moved to dscl.beta"),
+        ("pretrain.pbsd_weight=2", "pretrain.pbsd_weight: this setting moved to pbsd.weight"),
+        ("pretrain.label_smoothing=0.1", "moved to ce.label_smoothing"),
         ("pretrain.temperature=0", "pretrain.temperature: must be positive"),
         ("method=focal", "method: 'focal' is not one of"),
         ("classifier.bn_mode=frozen", "classifier.bn_mode"),
@@ -175,9 +181,9 @@ def test_mapping_setting_merges_dotted_keys_and_a_typed_mapping_replaces(tmp_pat
         ("data.mean.0=0.5", "data.mean.0: unknown key"),
         ("data.extra=3", "data.extra: expected a mapping"),
         ("data.extra={1: a.txt}", "data.extra: keys must be strings"),
-        ("pretrain.beta=.nan", "pretrain.beta: expected a finite number"),
+        ("dscl.beta=.nan", "dscl.beta: expected a finite number"),
         ("pretrain.temperature=.inf", "pretrain.temperature: expected a finite number"),
-        (f"pretrain.beta={10**400}", "pretrain.beta: number too large"),
+        (f"dscl.beta={10**400}", "dscl.beta: number too large"),
         ("threads=0", "threads: must be positive"),
         ("data.n_max=0", "data.n_max: must be positive"),
         ("data.patch_size=-2", "data.patch_size: must be positive"),
@@ -189,7 +195,7 @@ def test_mapping_setting_merges_dotted_keys_and_a_typed_mapping_replaces(tmp_pat
         ("classifier.milestones=[-1]", "classifier.milestones: must not be negative"),
         ("classifier.weight_decay=-0.1", "classifier.weight_decay: must not be negative"),
         ("pretrain.momentum=-0.5", "pretrain.momentum: must not be negative"),
-        ("pretrain.label_smoothing=1.5", "pretrain.label_smoothing: must be in [0, 1]"),
+        ("ce.label_smoothing=1.5", "ce.label_smoothing: must be in [0, 1]"),
     ],
 )
 def test_values_that_would_fail_later_are_config_errors(override, needle):
@@ -253,18 +259,78 @@ def test_one_first_difference_for_resume_and_study():
     for ignore in (RUNTIME_KEYS, STUDY_IGNORED_KEYS):
         assert first_difference(saved, other, ignore) == ("seed", 0, 3)  # seed comes first
     # numbers by value, booleans and text by type; a key on one side only is a difference
-    a = {"pretrain": {"beta": 8, "x": True}, "data": {"extra": {"k": 1}}}
+    a = {"pretrain": {"momentum": 8, "x": True}, "data": {"extra": {"k": 1}}}
     assert (
-        first_difference(a, {"pretrain": {"beta": 8.0, "x": True}, "data": {"extra": {"k": 1}}})
+        first_difference(a, {"pretrain": {"momentum": 8.0, "x": True}, "data": {"extra": {"k": 1}}})
         is None
     )
-    assert first_difference(a, {"pretrain": {"beta": 8, "x": 1}, "data": {"extra": {"k": 1}}}) == (
+    assert first_difference(
+        a, {"pretrain": {"momentum": 8, "x": 1}, "data": {"extra": {"k": 1}}}
+    ) == (
         "pretrain.x",
         True,
         1,
     )
-    diff = first_difference(a, {"pretrain": {"beta": 8, "x": True}, "data": {"extra": {}}})
+    diff = first_difference(a, {"pretrain": {"momentum": 8, "x": True}, "data": {"extra": {}}})
     assert diff == ("data.extra", {"k": 1}, {})  # a free-form mapping is one value
-    diff = first_difference({"pretrain": {"beta": 8}}, {"pretrain": {"beta": 8, "new": 1}})
+    diff = first_difference({"pretrain": {"momentum": 8}}, {"pretrain": {"momentum": 8, "new": 1}})
     assert diff.key == "pretrain.new" and diff.saved is ABSENT
     assert str(diff) == "pretrain.new: saved (absent), now 1"
+
+
+def _old_layout(saved: dict) -> dict:
+    """A config dict as runs wrote it before the methods' settings moved into sections: beta,
+    pbsd_weight and label_smoothing under pretrain for every method, no sections."""
+    old = {k: v for k, v in saved.items() if k not in ("dscl", "pbsd", "ce")}
+    old["data"] = {k: v for k, v in saved["data"].items() if k != "decode_on_device"}
+    old["pretrain"] = dict(saved["pretrain"])
+    old["pretrain"]["beta"] = saved.get("dscl", {}).get("beta", 8.0)
+    old["pretrain"]["pbsd_weight"] = saved.get("pbsd", {}).get("weight", 1.5)
+    old["pretrain"]["label_smoothing"] = saved.get("ce", {}).get("label_smoothing", 0.0)
+    return old
+
+
+@pytest.mark.parametrize("method", ["ce", "supcon", "dscl", "supcon+pbsd", "dscl+pbsd"])
+def test_configs_saved_before_the_sections_still_match(method):
+    from dscl.config import STUDY_IGNORED_KEYS, first_difference
+
+    cfg = build_config("fashion_mnist_lt", [f"method={method}"])
+    now = config_to_dict(cfg)
+    sections = {"ce": ["ce"], "dscl": ["dscl"], "dscl+pbsd": ["dscl", "pbsd"]}
+    sections["supcon+pbsd"] = ["pbsd"]
+    assert [k for k in now if k in ("dscl", "pbsd", "ce")] == sections.get(method, [])
+    old = _old_layout(now)
+    for ignore in (frozenset(), STUDY_IGNORED_KEYS):
+        assert first_difference(old, now, ignore) is None
+    assert config_from_dict(old) == cfg
+    if "dscl" in now:  # a different old beta is still a difference, under its new name
+        old["pretrain"]["beta"] = 2.0
+        assert first_difference(old, now) == ("dscl.beta", 2.0, 8.0)
+
+
+def test_a_section_the_method_does_not_use_is_accepted_and_not_recorded():
+    cfg = build_config("fashion_mnist_lt", ["method=ce", "dscl.beta=4", "ce.label_smoothing=0.1"])
+    saved = config_to_dict(cfg)
+    assert (
+        saved["ce"] == {"label_smoothing": 0.1} and "dscl" not in saved and "sections" not in saved
+    )
+    assert "dscl:" not in config_to_yaml(cfg)
+    assert config_from_dict(saved) == cfg
+    with pytest.raises(ConfigError, match="dscl.beta: must not be negative"):
+        build_config("fashion_mnist_lt", ["method=ce", "dscl.beta=-4"])
+    with pytest.raises(ConfigError, match="expected a mapping of sub-keys"):
+        build_config(None, ["dscl=3"])
+
+
+def test_a_setting_added_since_is_read_at_the_value_the_old_run_had():
+    from dscl.config import ADDED_KEYS, first_difference, upgrade_saved
+
+    now = config_to_dict(build_config("fashion_mnist_lt", ["data.file_views=per_sample"]))
+    old = {**now, "data": {k: v for k, v in now["data"].items() if k not in ("file_views",)}}
+    assert upgrade_saved(old)["data"]["file_views"] == ADDED_KEYS["data.file_views"]
+    assert first_difference(old, now) is None
+    fast = config_to_dict(build_config("fashion_mnist_lt", ["data.file_views=fast"]))
+    assert first_difference(old, fast) == ("data.file_views", "per_sample", "fast")
+    for dotted in ADDED_KEYS:  # every added key is a real setting
+        group, key = dotted.split(".")
+        assert key in now[group], dotted

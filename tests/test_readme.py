@@ -26,7 +26,7 @@ def test_readme_names_only_shipped_configs():
 def test_adding_a_method_example_trains_through_the_cli(tmp_path, monkeypatch):
     """The README's "Adding a method" module, registered as written, runs with `dscl run`."""
     from dscl.cli import main
-    from dscl.methods.registry import _BUILDERS
+    from dscl.methods.registry import unregister_method
 
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     (example,) = [b for b in blocks if "register_method" in b]
@@ -34,14 +34,17 @@ def test_adding_a_method_example_trains_through_the_cli(tmp_path, monkeypatch):
     script.write_text(example)
     try:
         runpy.run_path(str(script))
-        args = ["run", "--name", "focal", "method=focal", f"output_dir={tmp_path}"]
+        args = ["run", "--name", "focal", "method=focal", "focal.gamma=1.5"]
+        args += [f"output_dir={tmp_path}"]
         args += ["data.name=synthetic_lt", "data.extra={num_classes: 4, image_size: 8}"]
         args += ["data.n_max=16", "data.imbalance_ratio=4", "data.val_per_class=2"]
         args += ["data.image_size=8", "pretrain.epochs=1", "pretrain.batch_size=8"]
         args += ["classifier.epochs=1", "classifier.batch_size=8", "progress=false"]
         assert main(args) == 0
     finally:
-        _BUILDERS.pop("focal", None)
+        unregister_method("focal")
     log = (tmp_path / "focal" / "train_log.jsonl").read_text()
     assert '"pt":' in log  # the method's own log value reached the training log
     assert (tmp_path / "focal" / "metrics.json").is_file()
+    saved = (tmp_path / "focal" / "config.yaml").read_text()
+    assert "focal:\n  gamma: 1.5" in saved  # the method's own setting, recorded with the run

@@ -193,7 +193,7 @@ AXES = {"method": ["ce", "dscl"], "seed": [0, 1]}
     [
         ({"axes": AXES, "axis": {"seed": [0]}}, ["axis: unknown key"]),
         ({"axes": AXES, "baseline": {"method": "supcon"}}, ["baseline.method", "supcon"]),
-        ({"axes": AXES, "baseline": {"pretrain.beta": 8}}, ["baseline.pretrain.beta"]),
+        ({"axes": AXES, "baseline": {"dscl.beta": 8}}, ["baseline.dscl.beta"]),
         ({"axes": AXES, "baseline": {"seed": 0}}, ["baseline.seed"]),
         ({"axes": {"method": ["ce"], "seed": []}}, ["axes.seed", "empty axis"]),
         ({"axes": {"method": "ce"}}, ["axes.method", "list"]),
@@ -205,7 +205,7 @@ AXES = {"method": ["ce", "dscl"], "seed": [0, 1]}
         ({"axes": AXES, "overrides": {"seed": 3}}, ["axes.seed", "also in overrides"]),
         ({"axes": AXES, "overrides": {"name": "x"}}, ["overrides.name"]),
         ({"axes": {"method": ["ce", "foo"]}}, ["cell method-foo", "method", "foo"]),
-        ({"axes": {"pretrain.beta": [-1.0]}}, ["cell pretrain.beta--1.0", "pretrain.beta"]),
+        ({"axes": {"dscl.beta": [-1.0]}}, ["cell dscl.beta--1.0", "dscl.beta"]),
         ({"axes": AXES, "base": "no_such_config"}, ["base", "no_such_config"]),
         ({"axes": AXES, "name": "a/b"}, ["name"]),
     ],
@@ -334,7 +334,7 @@ def test_aggregation_against_hand_values(tmp_path: Path):
 def test_pairs_match_every_axis_outside_the_baseline(tmp_path: Path):
     path = write_study(
         tmp_path,
-        axes={"method": ["ce", "dscl"], "pretrain.beta": [2.0, 8.0], "seed": [0, 1]},
+        axes={"method": ["ce", "dscl"], "dscl.beta": [2.0, 8.0], "seed": [0, 1]},
         baseline={"method": "ce"},
     )
     study = load_study(path)
@@ -346,19 +346,19 @@ def test_pairs_match_every_axis_outside_the_baseline(tmp_path: Path):
     }
     for cell in study.cells:
         s = cell.settings
-        fabricate(study, cell, top1[(s["method"], s["pretrain.beta"])][s["seed"]])
+        fabricate(study, cell, top1[(s["method"], s["dscl.beta"])][s["seed"]])
     results = aggregate(study, {c.name: cell_state(study, c) for c in study.cells})
     assert [row["settings"] for row in results["settings"]] == [
-        {"method": "ce", "pretrain.beta": 2.0},
-        {"method": "ce", "pretrain.beta": 8.0},
-        {"method": "dscl", "pretrain.beta": 2.0},
-        {"method": "dscl", "pretrain.beta": 8.0},
+        {"method": "ce", "dscl.beta": 2.0},
+        {"method": "ce", "dscl.beta": 8.0},
+        {"method": "dscl", "dscl.beta": 2.0},
+        {"method": "dscl", "dscl.beta": 8.0},
     ]
     low, high = results["paired"]
-    assert low["settings"] == {"method": "dscl", "pretrain.beta": 2.0}
+    assert low["settings"] == {"method": "dscl", "dscl.beta": 2.0}
     assert low["pairs"][1] == [
-        "method-dscl_pretrain.beta-2.0_seed-1",
-        "method-ce_pretrain.beta-2.0_seed-1",
+        "method-dscl_dscl.beta-2.0_seed-1",
+        "method-ce_dscl.beta-2.0_seed-1",
     ]
     assert low["top1"]["values"] == [1.0, 3.0] and high["top1"]["values"] == [10.0, 6.0]
     assert high["top1"]["mean"] == pytest.approx(8.0)

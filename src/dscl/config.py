@@ -78,11 +78,8 @@ class PretrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4
     temperature: float = 0.07  # tau
-    beta: float = 8.0  # DSCL decoupling weight (alpha = 1 / (1 + beta))
-    pbsd_weight: float = 1.5  # lambda
     queue_size: int = 8192  # K
     encoder_momentum: float = 0.999  # EMA of the key encoder
-    label_smoothing: float = 0.0  # only for method "ce"
     save_every_steps: int = 0  # mid-epoch checkpoint every this many steps (0: epoch ends only)
     knn_every: int = 0  # kNN monitor on the validation split every this many epochs (0: off)
 
@@ -124,12 +121,40 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # The methods' own settings, by section (``dscl.beta``, ``pbsd.weight``, ``ce.*``, ...): each
+    # section is a dataclass registered with the method's builder (dscl.methods.register_method).
+    # Only the sections the run's method uses are recorded (config_to_dict) and compared.
+    sections: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal settings, the method's sections included (sections it does not use aside)."""
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return config_to_dict(self) == config_to_dict(other)
+
+    def section(self, name: str) -> Any:
+        """The settings of section ``name`` (its defaults where nothing set them)."""
+        if name not in self.sections:
+            from dscl.methods import settings_class
+
+            self.sections[name] = settings_class(name)()
+        return self.sections[name]
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the key."""
-        from dscl.methods import check_method  # the registry (imports torch)
+        from dscl.methods import check_method, method_sections  # the registry (imports torch)
 
         check_method(self.method)
+        # the method's sections, and any other section set (so a bad value never waits for
+        # the grid cell of a method that reads it)
+        for name in dict.fromkeys([*method_sections(self.method), *self.sections]):
+            settings = self.section(name)
+            check = getattr(settings, "check", None)
+            if check is not None:
+                try:
+                    check()
+                except ConfigError as err:
+                    raise ConfigError(f"{name}.{err}") from None
         if self.classifier.bn_mode not in ("train", "eval"):
             raise ConfigError(f"classifier.bn_mode: {self.classifier.bn_mode!r} is not train/eval")
         if self.data.val_shortfall not in ("partial", "carve", "error"):
@@ -171,13 +196,10 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be positive, got {value}")
         non_negative = {
             "pretrain.warmup_epochs": self.pretrain.warmup_epochs,
-            "pretrain.beta": self.pretrain.beta,
-            "pretrain.pbsd_weight": self.pretrain.pbsd_weight,
             "pretrain.queue_size": self.pretrain.queue_size,
             "pretrain.base_lr": self.pretrain.base_lr,
             "pretrain.momentum": self.pretrain.momentum,
             "pretrain.weight_decay": self.pretrain.weight_decay,
-            "pretrain.label_smoothing": self.pretrain.label_smoothing,
             "classifier.base_lr": self.classifier.base_lr,
             "classifier.momentum": self.classifier.momentum,
             "classifier.weight_decay": self.classifier.weight_decay,
@@ -200,10 +222,6 @@ class RunConfig:
             raise ConfigError(
                 f"data.many_threshold: must be >= data.few_threshold "
                 f"({self.data.few_threshold}), got {self.data.many_threshold}"
-            )
-        if self.pretrain.label_smoothing > 1.0:
-            raise ConfigError(
-                f"pretrain.label_smoothing: must be in [0, 1], got {self.pretrain.label_smoothing}"
             )
         milestones = self.classifier.milestones
         if any(epoch < 0 for epoch in milestones):
@@ -348,11 +366,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
     """Set the fields of dataclass ``obj`` from ``mapping``, recursing into nested configs."""
     hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    names = {f.name for f in dataclasses.fields(obj)} - {"sections"}
     for key, value in mapping.items():
         full = f"{prefix}{key}"
+        if isinstance(obj, RunConfig) and key not in names and _is_section(key):
+            if isinstance(value, _Override):
+                value = value.parsed
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of sub-keys, got {value!r}")
+            _apply(obj.section(key), value, prefix=f"{full}.")
+            continue
         if key not in names:
-            known = ", ".join(sorted(names))
+            moved = MOVED_KEYS.get(full)
+            if moved is not None:
+                raise ConfigError(
+                    f"{full}: this setting moved to {moved} (a setting of the methods that "
+                    f"use section {moved.split('.')[0]})"
+                )
+            known = ", ".join(
+                sorted(names | (_section_names() if isinstance(obj, RunConfig) else set()))
+            )
             raise ConfigError(f"{full}: unknown key (known keys here: {known})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -377,6 +410,70 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
             )
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
+
+
+# Settings that belong to one family of methods and moved into its section. An old key on the
+# command line or in a YAML file is refused with its new place; a saved config (a run folder's
+# config.yaml, a checkpoint, a committed study cell) is upgraded when read (upgrade_saved).
+MOVED_KEYS = {
+    "pretrain.beta": "dscl.beta",
+    "pretrain.pbsd_weight": "pbsd.weight",
+    "pretrain.label_smoothing": "ce.label_smoothing",
+}
+
+
+# Settings added after runs were written, with the value that reproduces what such a run did: a
+# saved config without the key is read with that value (upgrade_saved). Adding a setting means
+# adding it here, so that earlier run folders and committed study cells are still recognised.
+ADDED_KEYS = {
+    "data.file_views": "per_sample",
+    "data.jpeg_draft": 0,
+    "data.decode_on_device": False,
+}
+
+
+def _is_section(name: str) -> bool:
+    from dscl.methods import section_names
+
+    return name in section_names()
+
+
+def _section_names() -> set[str]:
+    from dscl.methods import section_names
+
+    return set(section_names())
+
+
+def upgrade_saved(mapping: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict in today's layout: settings added since (:data:`ADDED_KEYS`) at the
+    value the run had in effect, and the keys of :data:`MOVED_KEYS` moved into the sections of
+    the method it ran (dropped where that method has no such section), so a run folder or study
+    cell written before compares equal to the config it ran."""
+    if not isinstance(mapping, dict):
+        return mapping
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in mapping.items()}
+    method = out.get("method")
+    try:
+        from dscl.methods import method_sections
+
+        used = set(method_sections(method)) if isinstance(method, str) else set()
+    except ConfigError:
+        used = set()
+    for dotted, legacy in ADDED_KEYS.items():
+        group, key = dotted.split(".")
+        if isinstance(out.get(group), dict) and key not in out[group]:
+            out[group][key] = legacy
+    for old, new in MOVED_KEYS.items():
+        group, key = old.split(".")
+        if not isinstance(out.get(group), dict) or key not in out[group]:
+            continue
+        value = out[group].pop(key)
+        section, name = new.split(".")
+        if section in used:
+            target = out.setdefault(section, {})
+            if isinstance(target, dict):
+                target.setdefault(name, value)
+    return out
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -451,9 +548,10 @@ def build_config(
 
 
 def config_from_dict(mapping: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from :func:`config_to_dict` output (e.g. from a checkpoint)."""
+    """Rebuild a RunConfig from :func:`config_to_dict` output (e.g. from a checkpoint), saved
+    before or after the methods' settings moved into sections."""
     cfg = RunConfig()
-    _apply(cfg, mapping)
+    _apply(cfg, upgrade_saved(mapping))
     cfg.validate()
     return cfg
 
@@ -541,11 +639,12 @@ def first_difference(
     """The first dotted key (in ``current``'s order, then keys only ``saved`` has) where two
     config dicts differ, or None when they agree on every key outside ``ignore``.
 
-    ``--resume auto`` ignores :data:`RUNTIME_KEYS`; a study ignores :data:`STUDY_IGNORED_KEYS`
+    ``saved`` may predate the methods' sections (:func:`upgrade_saved`). ``--resume auto``
+    ignores :data:`RUNTIME_KEYS`; a study ignores :data:`STUDY_IGNORED_KEYS`
     (it also compares the thread count, device and compile setting). A key missing on one side
     is a difference, its value shown as ``(absent)``.
     """
-    flat_saved, flat_now = _flat(saved), _flat(current)
+    flat_saved, flat_now = _flat(upgrade_saved(saved)), _flat(upgrade_saved(current))
     for key in [*flat_now, *(k for k in flat_saved if k not in flat_now)]:
         if key in ignore:
             continue
@@ -556,7 +655,14 @@ def first_difference(
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data: every setting, and the sections of the run's method."""
+    from dscl.methods import method_sections
+
+    out = dataclasses.asdict(cfg)
+    del out["sections"]
+    for name in method_sections(cfg.method):
+        out[name] = dataclasses.asdict(cfg.section(name))
+    return out
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

@@ -14,7 +14,7 @@ from dscl.engine import runtime
 from dscl.engine.loop import Optimization, StepTimes, run_epoch
 from dscl.errors import ConfigError
 from dscl.methods import CLASSIFY, Method, StepOutput, build_method, method_names, register_method
-from dscl.methods.registry import _BUILDERS
+from dscl.methods.registry import unregister_method
 
 
 class Batch:
@@ -49,9 +49,9 @@ class ToyMethod(Method):
 
 @pytest.fixture
 def toy_registered():
-    register_method("toy")(lambda cfg, num_classes: ToyMethod())
+    register_method("toy")(lambda cfg, data: ToyMethod())
     yield
-    _BUILDERS.pop("toy")
+    unregister_method("toy")
 
 
 def make_opt(method: Method, lrs) -> Optimization:
@@ -63,7 +63,7 @@ def make_opt(method: Method, lrs) -> Optimization:
 def test_a_registered_toy_method_trains_one_step(toy_registered):
     cfg = build_config(None, ["method=toy"])  # the config accepts any registered method
     assert "toy" in method_names()
-    method = build_method(cfg, num_classes=2)
+    method = build_method(cfg, 2)
     before = method.model.weight.detach().clone()
     (batch,) = batches(1)
     # the expected update of plain SGD at lr 0.5, computed outside the loop

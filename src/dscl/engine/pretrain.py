@@ -23,7 +23,7 @@ from dscl.engine.loop import Optimization
 from dscl.engine.preemption import StopSignals
 from dscl.engine.stage import train_stage
 from dscl.errors import SetupError
-from dscl.methods import Method, build_method
+from dscl.methods import DataInfo, Method, build_method
 
 PRETRAIN_CHECKPOINT = "pretrain.pt"
 
@@ -91,6 +91,18 @@ class StageContext:
         return Optimization(sgd, lr_at, scaler, self.device, self.amp, memory_format(self.cfg))
 
 
+def data_info(ctx: StageContext) -> DataInfo:
+    """What a method's builder is told about the training data."""
+    v = ctx.view_cfg
+    return DataInfo(
+        num_classes=ctx.splits.num_classes,
+        class_counts=tuple(int(n) for n in ctx.splits.class_counts),
+        image_size=v.view_size,
+        patch_size=v.patch_px,
+        num_patches=v.num_patches,
+    )
+
+
 def per_process_batch(batch_size: int, key: str) -> int:
     """The batch of one process for the global ``batch_size`` (setting ``key``)."""
     world = dist.get_world_size()
@@ -107,7 +119,7 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     """Run stage 1 (from ``resume_state``, see :func:`dscl.checkpoint.read_stage1`, when given)
     and return the path of its checkpoint."""
     cfg, p, device = ctx.cfg, ctx.cfg.pretrain, ctx.device
-    method = build_method(cfg, ctx.splits.num_classes)
+    method = build_method(cfg, data_info(ctx))
     method.model.to(device, memory_format=memory_format(cfg))
     if cfg.compile:
         runtime.compile_for_training(method.compile_targets(), device)

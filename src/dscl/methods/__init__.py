@@ -14,18 +14,32 @@ from dscl.methods import cross_entropy  # noqa: F401
 from dscl.methods import contrastive  # noqa: F401
 
 # isort: split
-from dscl.methods.base import CLASSIFY, VIEWS, Method, StepOutput
+from dscl.methods.base import CLASSIFY, VIEWS, DataInfo, Method, StepOutput
 from dscl.methods.linear_probe import LinearProbe
-from dscl.methods.registry import build_method, check_method, method_names, register_method
+from dscl.methods.registry import (
+    build_method,
+    check_method,
+    method_names,
+    method_sections,
+    register_method,
+    register_settings,
+    section_names,
+    settings_class,
+)
 
 __all__ = [
     "CLASSIFY",
     "VIEWS",
+    "DataInfo",
     "LinearProbe",
     "Method",
     "StepOutput",
     "build_method",
     "check_method",
     "method_names",
+    "method_sections",
     "register_method",
+    "register_settings",
+    "section_names",
+    "settings_class",
 ]

@@ -18,6 +18,37 @@ VIEWS = "views"  # batches hold "query", "key", "patches", "boxes" (contrastive 
 CLASSIFY = "classify"  # batches hold one augmented "image" (cross-entropy, stage 2)
 
 
+@dataclass(frozen=True)
+class DataInfo:
+    """What the training data says, for a method's builder.
+
+    Attributes:
+        num_classes: C.
+        class_counts: training images per class (C,), hence the class prior; None where the
+            builder is called without data (a benchmark or test on random inputs).
+        image_size: the view size in pixels (S).
+        patch_size: the patch size in pixels.
+        num_patches: L, patches per image.
+    """
+
+    num_classes: int
+    class_counts: tuple[int, ...] | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    num_patches: int | None = None
+
+    @classmethod
+    def of(cls, data: DataInfo | int) -> DataInfo:
+        """``data`` as a DataInfo (a bare number of classes gives one without counts)."""
+        return data if isinstance(data, DataInfo) else cls(num_classes=int(data))
+
+    def counts(self, method: str) -> list[int]:
+        """The training class counts; raises ValueError naming ``method`` without them."""
+        if self.class_counts is None:
+            raise ValueError(f"method {method} needs the training class counts (the class prior)")
+        return list(self.class_counts)
+
+
 @dataclass
 class StepOutput:
     """The result of one training step's forward pass.

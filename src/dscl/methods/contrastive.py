@@ -8,14 +8,43 @@ queue never holds the keys of the batch being scored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from dscl import dist
+from dscl.errors import ConfigError
 from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss
 from dscl.methods.base import VIEWS, Method, StepOutput
-from dscl.methods.registry import register_method
+from dscl.methods.registry import register_method, register_settings
 from dscl.models import ContrastiveModel, build_backbone
+
+
+@dataclass
+class DSCLSettings:
+    """Section ``dscl``: the decoupling of DSCL (docs/DESIGN.md §2.6)."""
+
+    beta: float = 8.0  # weight of the same-class positives (the paper's alpha = 1 / (1 + beta))
+
+    def check(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"beta: must not be negative, got {self.beta}")
+
+
+@dataclass
+class PBSDSettings:
+    """Section ``pbsd``: patch-based self distillation (docs/DESIGN.md §2.8)."""
+
+    weight: float = 1.5  # lambda, the weight of the PBSD term
+
+    def check(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must not be negative, got {self.weight}")
+
+
+register_settings("dscl", DSCLSettings)
+register_settings("pbsd", PBSDSettings)
 
 
 class Contrastive(Method):
@@ -90,13 +119,17 @@ class Contrastive(Method):
 
 
 def _builder(decoupled: bool, with_pbsd: bool):
-    def build(cfg, num_classes: int) -> Contrastive:
+    def build(cfg, data) -> Contrastive:
         p = cfg.pretrain
         backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
         model = ContrastiveModel(backbone, embed_dim=cfg.model.embed_dim, queue_size=p.queue_size)
-        contrast = DSCLLoss(p.temperature, p.beta) if decoupled else SupConLoss(p.temperature)
+        if decoupled:
+            contrast = DSCLLoss(p.temperature, cfg.section("dscl").beta)
+        else:
+            contrast = SupConLoss(p.temperature)
         pbsd = PBSDLoss(p.temperature) if with_pbsd else None
-        return Contrastive(model, contrast, pbsd, p.pbsd_weight, p.encoder_momentum)
+        weight = cfg.section("pbsd").weight if with_pbsd else 0.0
+        return Contrastive(model, contrast, pbsd, weight, p.encoder_momentum)
 
     return build
 
@@ -107,4 +140,5 @@ for _name, _decoupled, _with_pbsd in (
     ("supcon+pbsd", False, True),
     ("dscl+pbsd", True, True),
 ):
-    register_method(_name)(_builder(_decoupled, _with_pbsd))
+    _uses = (("dscl",) if _decoupled else ()) + (("pbsd",) if _with_pbsd else ())
+    register_method(_name, sections=_uses)(_builder(_decoupled, _with_pbsd))

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
+from dscl.errors import ConfigError
 from dscl.methods.base import CLASSIFY, Method, StepOutput
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, build_backbone
+
+
+@dataclass
+class CESettings:
+    """Section ``ce``: the cross-entropy baseline."""
+
+    label_smoothing: float = 0.0  # epsilon of label smoothing (0: plain cross-entropy)
+
+    def check(self) -> None:
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ConfigError(f"label_smoothing: must be in [0, 1], got {self.label_smoothing}")
 
 
 class CrossEntropy(Method):
@@ -30,7 +44,7 @@ class CrossEntropy(Method):
         return StepOutput(loss)
 
 
-@register_method("ce")
-def build_cross_entropy(cfg, num_classes: int) -> CrossEntropy:
+@register_method("ce", settings=CESettings)
+def build_cross_entropy(cfg, data) -> CrossEntropy:
     backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
-    return CrossEntropy(backbone, num_classes, cfg.pretrain.label_smoothing)
+    return CrossEntropy(backbone, data.num_classes, cfg.section("ce").label_smoothing)

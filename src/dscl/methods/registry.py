@@ -1,31 +1,73 @@
-"""The method registry: names in the config's ``method`` setting mapped to builders.
+"""The method registry: names in the config's ``method`` setting mapped to builders, and the
+methods' own settings.
 
-A builder takes the resolved :class:`~dscl.config.RunConfig` and the number of classes and
-returns a :class:`~dscl.methods.base.Method`. Adding a method is one new module that calls
-:func:`register_method` plus one import line in ``dscl/methods/__init__.py``.
+A builder takes the resolved :class:`~dscl.config.RunConfig` and a
+:class:`~dscl.methods.base.DataInfo` (number of classes, training class counts, view settings)
+and returns a :class:`~dscl.methods.base.Method`. A method's own settings are a dataclass
+registered as a *section* (``dscl.beta``, ``pbsd.weight``, ``focal.gamma``): set from YAML and
+the command line under the section's name, validated like every other key, recorded in the run's
+config only for the methods that use it, and read by the builder with ``cfg.section(name)``.
+Adding a method is one new module that calls :func:`register_method` plus one import line in
+``dscl/methods/__init__.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from dscl.errors import ConfigError
 
-Builder = Callable[[Any, int], Any]
+Builder = Callable[[Any, Any], Any]
 _BUILDERS: dict[str, Builder] = {}
+_SECTIONS: dict[str, type] = {}  # section name -> settings dataclass
+_USES: dict[str, tuple[str, ...]] = {}  # method name -> the sections it reads
 
 
-def register_method(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(cfg, num_classes)`` the method called ``name``."""
+def register_settings(name: str, settings: type) -> type:
+    """Register the dataclass ``settings`` as section ``name`` (shared by several methods)."""
+    if not dataclasses.is_dataclass(settings):
+        raise TypeError(f"settings of section {name!r} must be a dataclass, got {settings!r}")
+    if name in _SECTIONS and _SECTIONS[name] is not settings:
+        raise ValueError(f"settings section {name!r} is registered already")
+    _SECTIONS[name] = settings
+    return settings
+
+
+def register_method(
+    name: str, *, settings: type | None = None, sections: tuple[str, ...] = ()
+) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(cfg, data)`` the method called ``name``.
+
+    Args:
+        name: the value of the ``method`` setting.
+        settings: a dataclass of the method's own settings, registered as section ``name``.
+        sections: other registered sections the method reads (e.g. ``("dscl", "pbsd")``).
+    """
 
     def add(builder: Builder) -> Builder:
         if name in _BUILDERS and _BUILDERS[name] is not builder:
             raise ValueError(f"method {name!r} is registered already")
+        uses = tuple(sections)
+        if settings is not None:
+            register_settings(name, settings)
+            uses = (name, *uses)
+        for section in uses:
+            if section not in _SECTIONS:
+                raise ValueError(f"method {name!r}: settings section {section!r} is not registered")
         _BUILDERS[name] = builder
+        _USES[name] = uses
         return builder
 
     return add
+
+
+def unregister_method(name: str) -> None:
+    """Remove method ``name`` and its own settings section (for tests of added methods)."""
+    _BUILDERS.pop(name, None)
+    _USES.pop(name, None)
+    _SECTIONS.pop(name, None)
 
 
 def method_names() -> list[str]:
@@ -39,7 +81,27 @@ def check_method(name: str) -> None:
         raise ConfigError(f"method: {name!r} is not one of {', '.join(_BUILDERS)}")
 
 
-def build_method(cfg: Any, num_classes: int):
-    """The method ``cfg.method`` built from ``cfg`` for ``num_classes`` classes."""
+def method_sections(name: str) -> tuple[str, ...]:
+    """The settings sections method ``name`` reads (none for an unknown name)."""
+    return _USES.get(name, ())
+
+
+def section_names() -> list[str]:
+    """Every registered settings section."""
+    return list(_SECTIONS)
+
+
+def settings_class(name: str) -> type:
+    """The dataclass of settings section ``name``."""
+    if name not in _SECTIONS:
+        raise ConfigError(f"{name}: not a settings section ({', '.join(_SECTIONS)})")
+    return _SECTIONS[name]
+
+
+def build_method(cfg: Any, data: Any):
+    """The method ``cfg.method`` built from ``cfg`` for the training data ``data`` (a
+    :class:`~dscl.methods.base.DataInfo`, or just the number of classes)."""
+    from dscl.methods.base import DataInfo
+
     check_method(cfg.method)
-    return _BUILDERS[cfg.method](cfg, num_classes)
+    return _BUILDERS[cfg.method](cfg, DataInfo.of(data))
