@@ -118,13 +118,18 @@ def end_to_end(crops: FileCrops, kind: str, cfg: ViewConfig, n: int, device) -> 
     return run
 
 
+_AUTHORS: dict[Path, object] = {}
+
+
 def authors_dataset(path: Path, root: Path, files: list[str], view: int, patch: int):
     """Their ImageNetLT dataset with their main.py transforms at ``view``/``patch`` px."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import authors_side_by_side as side  # noqa: PLC0415 (their import machinery, reused)
 
-    code = side.import_authors(path)
-    side.patch_for_current_torchvision(code)
+    if path not in _AUTHORS:  # their modules can be imported once per process
+        _AUTHORS[path] = side.import_authors(path)
+        side.patch_for_current_torchvision(_AUTHORS[path])
+    code = _AUTHORS[path]
     lists = root / "datasets" / "ImageNet_LT"
     lists.mkdir(parents=True, exist_ok=True)
     annotations = [
@@ -224,7 +229,14 @@ def register_free_backbone() -> str:
     return "bench_one_conv"
 
 
-def train_rate(root: Path, out: Path, name: str, file_views: str, args) -> float:
+MODES = {  # --modes: the settings of each end-to-end run
+    "per_sample": ("data.file_views=per_sample",),
+    "fast": ("data.file_views=fast",),
+    "fast+device_decode": ("data.file_views=fast", "data.decode_on_device=true"),
+}
+
+
+def train_rate(root: Path, out: Path, name: str, mode: str, args) -> float:
     from dscl.cli import main as dscl_main
 
     argv = [
@@ -238,10 +250,11 @@ def train_rate(root: Path, out: Path, name: str, file_views: str, args) -> float
         "data.val_per_class=1",
         "data.image_size=224",
         f"data.num_workers={args.workers}",
-        f"data.file_views={file_views}",
-        "model.backbone=bench_one_conv",
+        *MODES[mode],
+        f"model.backbone={args.backbone}",
+        f"device={args.device}",
         "pretrain.epochs=2",
-        f"pretrain.batch_size={BATCH}",
+        f"pretrain.batch_size={args.batch_size}",
         "pretrain.queue_size=256",
         "pretrain.warmup_epochs=0",
         f"threads={args.threads}",
@@ -264,7 +277,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=300, help="JPEGs to make (default 300)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--authors", type=Path, help="a checkout of github.com/SY-Xuan/DSCL")
-    parser.add_argument("--device", default="cpu", help="where the colour ops run (cpu, cuda)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the colour ops run and end-to-end runs train"
+    )
     parser.add_argument(
         "--setting",
         nargs="+",
@@ -275,6 +290,11 @@ def main() -> None:
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end figure")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (main process)")
+    parser.add_argument(
+        "--backbone", default="bench_one_conv", help="end to end: the network (default one conv)"
+    )
+    parser.add_argument("--batch-size", type=int, default=BATCH, help="end to end: the batch")
+    parser.add_argument("--modes", nargs="+", default=["per_sample", "fast"], choices=sorted(MODES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -295,23 +315,24 @@ def main() -> None:
                 print_table(setting, time_rows(rows, len(files), args.repeats))
         if args.e2e or args.e2e_only:
             register_free_backbone()
-            rates: dict[str, list[float]] = {"per_sample": [], "fast": []}
+            rates: dict[str, list[float]] = {mode: [] for mode in args.modes}
             for rep in range(args.repeats):
                 for mode in rates:
-                    rates[mode].append(
-                        train_rate(root, Path(tmp) / "runs", f"{mode}{rep}", mode, args)
-                    )
-            ratio = statistics.median(
-                f / p for f, p in zip(rates["fast"], rates["per_sample"], strict=True)
-            )
+                    run = f"{mode.replace('+', '_')}{rep}"
+                    rates[mode].append(train_rate(root, Path(tmp) / "runs", run, mode, args))
             print(
-                f"\nstage 1 end to end, one-conv backbone, 224 px + 5x64 px, batch {BATCH}, "
-                f"{args.workers} workers, {args.threads} thread(s): per_sample "
-                f"{statistics.median(rates['per_sample']):.1f} images/s, fast "
-                f"{statistics.median(rates['fast']):.1f} images/s ({ratio:.2f}x); runs "
-                f"{[round(r, 1) for r in rates['per_sample']]} / "
-                f"{[round(r, 1) for r in rates['fast']]}"
+                f"\nstage 1 end to end, {args.backbone}, 224 px + 5x64 px, batch "
+                f"{args.batch_size}, {args.workers} workers, {args.threads} thread(s), device "
+                f"{args.device}: images/s of the second epoch (median of {args.repeats})"
             )
+            first = rates[args.modes[0]]
+            for mode, values in rates.items():
+                ratio = statistics.median(v / f for v, f in zip(values, first, strict=True))
+                print(
+                    f"  {mode}: {statistics.median(values):.1f} ({ratio:.2f}x {args.modes[0]}; "
+                    f"runs {[round(v, 1) for v in values]})",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
