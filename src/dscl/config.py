@@ -93,6 +93,11 @@ class ClassifierConfig:
     weight_decay: float = 0.0
     milestones: list[int] = field(default_factory=lambda: [20, 30])
     gamma: float = 0.1
+    # what stage 2 trains: "probe" (a new linear layer on the frozen backbone), "keep" (the
+    # method's own classifier as stage 1 left it; nothing is trained), "retrain" (the method's
+    # classifier retrained on the frozen backbone), "auto" (keep for one-stage methods, bcl and
+    # paco; probe for the others)
+    mode: str = "auto"
     bn_mode: str = "train"  # "train": re-estimate BN statistics; "eval": keep them
     balanced: bool = True  # class-balanced sampling
     eval_every: int = 1  # validate every this many epochs
@@ -142,9 +147,14 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the key."""
-        from dscl.methods import check_method, method_sections  # the registry (imports torch)
+        from dscl.methods import (  # the registry (imports torch)
+            check_method,
+            classifier_mode,
+            method_sections,
+        )
 
         check_method(self.method)
+        classifier_mode(self.method, self.classifier.mode)
         # the method's sections, and any other section set (so a bad value never waits for
         # the grid cell of a method that reads it)
         for name in dict.fromkeys([*method_sections(self.method), *self.sections]):
@@ -429,6 +439,7 @@ ADDED_KEYS = {
     "data.file_views": "per_sample",
     "data.jpeg_draft": 0,
     "data.decode_on_device": False,
+    "classifier.mode": "auto",  # auto is probe for every method that existed before it
 }
 
 

@@ -1,7 +1,8 @@
 """Stage 2: a class-balanced linear classifier on the frozen stage-1 backbone, and evaluation.
 
-The step is :class:`dscl.methods.LinearProbe` run by the shared loop. The best epoch is chosen
-on the validation split, never on the test set.
+The step is :class:`dscl.methods.LinearProbe` run by the shared loop (``classifier.mode``: a new
+linear layer, or the method's own one retrained, or kept as stage 1 left it). The best epoch is
+chosen on the validation split, never on the test set.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dscl.engine.evaluate import predict_logits
 from dscl.engine.pretrain import StageContext, memory_format
 from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
-from dscl.methods import LinearProbe
+from dscl.methods import LinearProbe, classifier_mode
 from dscl.models import Classifier, build_backbone
 
 LAST, BEST = "last.pt", "best.pt"
@@ -43,11 +44,17 @@ def train_classifier(
     :func:`dscl.checkpoint.read_stage1`), from ``resume_state`` (an unfinished ``last.pt``) when
     given; return the path of the best checkpoint (on validation)."""
     cfg, c, device = ctx.cfg, ctx.cfg.classifier, ctx.device
+    mode = classifier_mode(cfg.method, c.mode)
+    if mode == "keep":
+        return keep_classifier(ctx, stage1)
     if resume_state is None:
         start_from_stage1_rng(stage1)
     backbone = build_backbone(cfg.model.backbone)
     backbone.load_state_dict(stage1["backbone"])
     probe = LinearProbe(backbone, ctx.splits.num_classes, c.bn_mode)
+    if mode == "retrain":  # cRT: the method's own linear layer, retrained class-balanced
+        own = _own_classifier_state(stage1)
+        probe.model.fc.load_state_dict({k[3:]: v for k, v in own.items() if k.startswith("fc.")})
     probe.model.to(device, memory_format=memory_format(cfg))
     feed = ctx.train_feed(
         probe.feed_kind, c.batch_size, "classifier.batch_size", c.balanced, cfg.seed + 1
@@ -95,6 +102,37 @@ def train_classifier(
     return best_path
 
 
+def _own_classifier_state(stage1: dict[str, Any]) -> dict:
+    own = stage1.get("classifier")
+    if own is None:
+        raise CheckpointError(
+            f"stage-1 checkpoint of method {stage1.get('method')} holds no classifier of its "
+            "own (classifier.mode keep/retrain need one; it was trained by an older dscl?)"
+        )
+    return own
+
+
+def keep_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
+    """``classifier.mode=keep``: the method's own classifier as stage 1 left it becomes
+    ``best.pt`` (its validation metrics logged); nothing is trained."""
+    cfg = ctx.cfg
+    model = Classifier(build_backbone(cfg.model.backbone), ctx.splits.num_classes)
+    model.load_state_dict(_own_classifier_state(stage1))
+    model.to(ctx.device, memory_format=memory_format(cfg))
+    metrics = evaluate_model(ctx, model, ctx.eval_batches(ctx.splits.val))
+    epoch = cfg.pretrain.epochs - 1
+    val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
+    ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": 0, "mode": "keep"} | val)
+    ctx.logger.info(
+        f"stage 2: classifier.mode=keep, the method's own classifier (validation top-1 "
+        f"{metrics['top1']:.2f}); nothing to train"
+    )
+    best_path = ctx.run_dir / BEST
+    if dist.is_main_process():
+        save_checkpoint(classifier_state(ctx, model, epoch, metrics), best_path)
+    return best_path
+
+
 def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict | None) -> dict:
     return {
         "kind": "classifier",
@@ -103,6 +141,7 @@ def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict
         "num_classes": ctx.splits.num_classes,
         "class_names": list(ctx.splits.class_names),
         "model": model.state_dict(),
+        "classifier_mode": classifier_mode(ctx.cfg.method, ctx.cfg.classifier.mode),
         "val_top1": val["top1"] if val is not None else None,
         "config": config_to_dict(ctx.cfg),
         "git_commit": git_commit(),

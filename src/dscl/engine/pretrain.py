@@ -103,6 +103,12 @@ def data_info(ctx: StageContext) -> DataInfo:
     )
 
 
+def own_classifier(method: Method) -> dict:
+    """``{"classifier": state_dict}`` of the method's own classifier, if it has one."""
+    model = method.classifier()
+    return {} if model is None else {"classifier": model.state_dict()}
+
+
 def per_process_batch(batch_size: int, key: str) -> int:
     """The batch of one process for the global ``batch_size`` (setting ``key``)."""
     world = dist.get_world_size()
@@ -136,6 +142,7 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
             "method": cfg.method,
             "model": method.model.state_dict(),
             "backbone": method.backbone().state_dict(),
+            **own_classifier(method),
             "config": config_to_dict(cfg),
             "git_commit": git_commit(),
         }

@@ -3,6 +3,8 @@
 ce                      cross-entropy on one augmented view      (cross_entropy.py)
 supcon, dscl            contrastive, SupCon or decoupled weights  (contrastive.py)
 supcon+pbsd, dscl+pbsd  the same plus patch-based self distillation
+bcl                     balanced contrastive learning, one stage  (bcl.py)
+paco                    parametric contrastive learning, one stage (paco.py)
 (stage 2)               linear probe on a frozen backbone         (linear_probe.py)
 """
 
@@ -14,11 +16,15 @@ from dscl.methods import cross_entropy  # noqa: F401
 from dscl.methods import contrastive  # noqa: F401
 
 # isort: split
+from dscl.methods import bcl, paco  # noqa: F401
+
+# isort: split
 from dscl.methods.base import CLASSIFY, VIEWS, DataInfo, Method, StepOutput
 from dscl.methods.linear_probe import LinearProbe
 from dscl.methods.registry import (
     build_method,
     check_method,
+    classifier_mode,
     method_names,
     method_sections,
     register_method,
@@ -36,6 +42,7 @@ __all__ = [
     "StepOutput",
     "build_method",
     "check_method",
+    "classifier_mode",
     "method_names",
     "method_sections",
     "register_method",

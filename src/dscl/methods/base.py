@@ -109,3 +109,9 @@ class Method:
     def backbone(self) -> nn.Module:
         """The backbone whose weights stage 2 keeps and ``dscl export`` writes."""
         return self.model.backbone
+
+    def classifier(self) -> nn.Module | None:
+        """The method's own :class:`~dscl.models.Classifier` (backbone + linear layer, sharing
+        the trained backbone), which stage 2 may keep or retrain (``classifier.mode``); None for
+        a method without one (register it with ``classifier=`` to offer it)."""
+        return None

@@ -43,8 +43,11 @@ class CrossEntropy(Method):
         loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.label_smoothing)
         return StepOutput(loss)
 
+    def classifier(self):
+        return self.model
 
-@register_method("ce", settings=CESettings)
+
+@register_method("ce", settings=CESettings, classifier="probe")
 def build_cross_entropy(cfg, data) -> CrossEntropy:
     backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
     return CrossEntropy(backbone, data.num_classes, cfg.section("ce").label_smoothing)

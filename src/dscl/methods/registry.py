@@ -23,6 +23,9 @@ Builder = Callable[[Any, Any], Any]
 _BUILDERS: dict[str, Builder] = {}
 _SECTIONS: dict[str, type] = {}  # section name -> settings dataclass
 _USES: dict[str, tuple[str, ...]] = {}  # method name -> the sections it reads
+# method name -> what classifier.mode=auto means for it, for a method with its own classifier
+_CLASSIFIER: dict[str, str] = {}
+CLASSIFIER_MODES = ("auto", "probe", "keep", "retrain")
 
 
 def register_settings(name: str, settings: type) -> type:
@@ -36,7 +39,11 @@ def register_settings(name: str, settings: type) -> type:
 
 
 def register_method(
-    name: str, *, settings: type | None = None, sections: tuple[str, ...] = ()
+    name: str,
+    *,
+    settings: type | None = None,
+    sections: tuple[str, ...] = (),
+    classifier: str | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator: make ``builder(cfg, data)`` the method called ``name``.
 
@@ -44,7 +51,13 @@ def register_method(
         name: the value of the ``method`` setting.
         settings: a dataclass of the method's own settings, registered as section ``name``.
         sections: other registered sections the method reads (e.g. ``("dscl", "pbsd")``).
+        classifier: for a method whose :meth:`~dscl.methods.base.Method.classifier` returns one
+            of its own, what ``classifier.mode=auto`` does with it: ``"keep"`` (one-stage
+            methods: stage 2 evaluates it and trains nothing) or ``"probe"`` (a new linear
+            probe, as for methods without one). None: the method has no classifier.
     """
+    if classifier not in (None, "keep", "probe"):
+        raise ValueError(f"method {name!r}: classifier must be None, 'keep' or 'probe'")
 
     def add(builder: Builder) -> Builder:
         if name in _BUILDERS and _BUILDERS[name] is not builder:
@@ -58,6 +71,8 @@ def register_method(
                 raise ValueError(f"method {name!r}: settings section {section!r} is not registered")
         _BUILDERS[name] = builder
         _USES[name] = uses
+        if classifier is not None:
+            _CLASSIFIER[name] = classifier
         return builder
 
     return add
@@ -68,6 +83,7 @@ def unregister_method(name: str) -> None:
     _BUILDERS.pop(name, None)
     _USES.pop(name, None)
     _SECTIONS.pop(name, None)
+    _CLASSIFIER.pop(name, None)
 
 
 def method_names() -> list[str]:
@@ -84,6 +100,28 @@ def check_method(name: str) -> None:
 def method_sections(name: str) -> tuple[str, ...]:
     """The settings sections method ``name`` reads (none for an unknown name)."""
     return _USES.get(name, ())
+
+
+def classifier_mode(method: str, mode: str) -> str:
+    """What stage 2 does for ``method`` under ``classifier.mode=mode``: ``probe`` (a new linear
+    layer on the frozen backbone), ``keep`` (the method's own classifier, evaluated as it is) or
+    ``retrain`` (the method's classifier retrained on the frozen backbone, class-balanced).
+
+    Raises:
+        ConfigError: an unknown mode, or keep/retrain for a method without a classifier.
+    """
+    if mode not in CLASSIFIER_MODES:
+        raise ConfigError(f"classifier.mode: {mode!r} is not one of {', '.join(CLASSIFIER_MODES)}")
+    own = _CLASSIFIER.get(method)
+    if mode == "auto":
+        return own or "probe"
+    if mode in ("keep", "retrain") and own is None:
+        having = ", ".join(_CLASSIFIER) or "none"
+        raise ConfigError(
+            f"classifier.mode: {mode} needs a method with a classifier of its own ({having}); "
+            f"method {method} has none"
+        )
+    return mode
 
 
 def section_names() -> list[str]:

@@ -170,7 +170,7 @@ class ContrastiveModel(nn.Module):
         self._check_inputs(query_view, key_view, patches, boxes)
         fmap = self.query_encoder.feature_map(query_view)  # (B, C, H/s, W/s)
         query = self.query_encoder.embed_feature_map(fmap)  # (B, D)
-        key = self._encode_keys(key_view)  # (B, D)
+        key = self.encode_keys(key_view)  # (B, D)
         if patches is None or boxes is None:
             return ContrastiveOutput(query, key, None, None)
         teacher = self._teacher(fmap, boxes)  # (L, B, D)
@@ -180,7 +180,7 @@ class ContrastiveModel(nn.Module):
         return ContrastiveOutput(query, key, teacher, student)
 
     @torch.no_grad()
-    def _encode_keys(self, key_view: Tensor) -> Tensor:
+    def encode_keys(self, key_view: Tensor) -> Tensor:
         """k = normalize(g_m(pool(F_m(x_k)))): (B, C_in, H, W) -> (B, D), with shuffled batch
         norm across processes when there are several (MoCo), plain otherwise."""
         if dist.get_world_size() > 1:

@@ -1,0 +1,138 @@
+"""BCL and PaCo as methods, and what stage 2 does with a method's own classifier
+(``classifier.mode``): end to end through ``dscl run`` on the tiny synthetic set, and one step
+of each method against its loss computed from the same model's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dscl.checkpoint import load_checkpoint
+from dscl.cli import main
+from dscl.config import build_config, config_to_dict
+from dscl.errors import ConfigError
+from dscl.losses import BCLLoss, PaCoLoss
+from dscl.methods import DataInfo, build_method, classifier_mode
+from tiny_run import tiny
+
+COUNTS = (12, 6, 3)
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> Path:
+    args = ["run", "--name", name, "threads=1", "progress=false", *tiny(tmp_path), *extra]
+    assert main(args) == 0
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("method", ["bcl", "paco"])
+def test_one_stage_methods_keep_their_classifier(tmp_path: Path, method: str, capsys):
+    run = _run(tmp_path, method, f"method={method}")
+    stage1 = load_checkpoint(run / "pretrain.pt")
+    best = load_checkpoint(run / "best.pt")
+    assert best["classifier_mode"] == "keep" and not (run / "last.pt").exists()
+    assert best["model"].keys() == stage1["classifier"].keys()
+    for key, value in stage1["classifier"].items():  # the classifier stage 1 ended with
+        assert torch.equal(best["model"][key], value), key
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and 0.0 <= metrics["top1"] <= 100.0
+    saved = (run / "config.yaml").read_text()
+    assert f"\n{method}:\n" in saved and "mode: auto" in saved
+    # evaluation and export read the same classifier
+    assert main(["evaluate", "--name", method, f"output_dir={tmp_path}", "threads=1"]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["top1"] == metrics["top1"]
+    out = tmp_path / "backbone.pt"
+    assert main(["export", "--checkpoint", str(run / "best.pt"), "--output", str(out)]) == 0
+    exported = torch.load(out)
+    prefix = "classifier.backbone."  # both keep the backbone inside their classifier
+    own = {k[len(prefix) :]: v for k, v in stage1["model"].items() if k.startswith(prefix)}
+    assert exported.keys() == own.keys()
+    assert all(torch.equal(exported[k], own[k]) for k in own)
+
+
+def test_retrain_starts_from_the_methods_classifier_probe_from_a_new_one(tmp_path: Path):
+    zero_lr = ["classifier.base_lr=0", "classifier.epochs=1"]
+    retrain = _run(tmp_path, "r", "method=ce", "classifier.mode=retrain", *zero_lr)
+    probe = _run(tmp_path, "p", "method=ce", *zero_lr)  # auto: probe for ce, as before
+    own = load_checkpoint(retrain / "pretrain.pt")["classifier"]
+    r, p = load_checkpoint(retrain / "best.pt"), load_checkpoint(probe / "best.pt")
+    assert r["classifier_mode"] == "retrain" and p["classifier_mode"] == "probe"
+    assert torch.equal(r["model"]["fc.fc.weight"], own["fc.fc.weight"])  # lr 0: unchanged
+    assert not torch.equal(p["model"]["fc.fc.weight"], own["fc.fc.weight"])
+
+
+def test_classifier_modes_are_checked_against_the_method():
+    assert classifier_mode("bcl", "auto") == "keep" and classifier_mode("ce", "auto") == "probe"
+    assert classifier_mode("dscl+pbsd", "auto") == "probe"
+    for mode in ("keep", "retrain"):
+        with pytest.raises(ConfigError, match=f"classifier.mode: {mode} needs a method"):
+            build_config(None, ["method=supcon", f"classifier.mode={mode}"])
+    with pytest.raises(ConfigError, match="classifier.mode: 'later' is not one of"):
+        build_config(None, ["classifier.mode=later"])
+    with pytest.raises(ConfigError, match="paco.gamma: must be positive"):
+        build_config(None, ["method=paco", "paco.gamma=0"])
+    with pytest.raises(ConfigError, match="bcl.scl_weight: must not be negative"):
+        build_config(None, ["method=bcl", "bcl.scl_weight=-1"])
+    saved = config_to_dict(build_config(None, ["method=paco", "paco.alpha=0.01"]))
+    assert saved["paco"]["alpha"] == 0.01 and "bcl" not in saved and "dscl" not in saved
+
+
+def _data() -> DataInfo:
+    return DataInfo(num_classes=3, class_counts=COUNTS, image_size=16, patch_size=4, num_patches=2)
+
+
+def _batch(n: int = 6):
+    g = torch.Generator().manual_seed(0)
+
+    class Batch:
+        inputs = {"query": torch.randn(n, 3, 16, 16, generator=g)}
+        labels = torch.tensor([0, 0, 1, 2, 0, 1][:n])
+
+    Batch.inputs["key"] = torch.randn(n, 3, 16, 16, generator=g)
+    return Batch
+
+
+def test_bcl_step_is_its_loss_on_the_models_outputs():
+    cfg = build_config(None, ["method=bcl", "model.backbone=resnet32", "bcl.scl_weight=0.5"])
+    torch.manual_seed(0)
+    method = build_method(cfg, _data())
+    method.model.eval()  # batch norm from its running statistics: repeatable forwards
+    batch = _batch()
+    out = method.step(batch)
+    model = method.model
+    features = model.classifier.features(torch.cat([batch.inputs["query"], batch.inputs["key"]]))
+    logits = model.classifier.fc(features[:6])
+    z = F.normalize(model.head(features), dim=1)
+    prototypes = F.normalize(model.prototype_head(model.classifier.fc.fc.weight), dim=1)
+    expected = BCLLoss(COUNTS, 0.07, 1.0, 1.0, 0.5)(logits, z[:6], z[6:], batch.labels, prototypes)
+    assert torch.allclose(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out.logs["loss_bcl"], expected.scl, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="method bcl needs the training class counts"):
+        build_method(cfg, 3)
+
+
+def test_paco_step_is_its_loss_and_fills_the_queue():
+    cfg = build_config(None, ["method=paco", "pretrain.queue_size=16", "paco.alpha=0.1"])
+    torch.manual_seed(0)
+    method = build_method(cfg, _data())
+    method.start_training()
+    method.model.eval()
+    batch = _batch()
+    out = method.step(batch)
+    c = method.model.contrastive
+    pooled = c.query_encoder.feature_map(batch.inputs["query"]).mean(dim=(2, 3))
+    query = c.query_encoder.embed_pooled(pooled)
+    key = c.momentum_encoder(batch.inputs["key"])
+    logits = method.model.classifier.fc(pooled)
+    loss = PaCoLoss(COUNTS, temperature=0.2, alpha=0.1, beta=1.0, gamma=1.0)
+    queue = c.queue
+    expected = loss(query, key, batch.labels, queue.features, queue.labels, logits, queue.valid)
+    assert torch.allclose(out.loss, expected, rtol=1e-5, atol=1e-6)
+    assert int(queue.valid.sum()) == 0
+    method.after_step()
+    assert int(queue.valid.sum()) == 6  # the batch's keys entered the queue after the step
+    assert method.classifier().backbone is c.query_encoder.backbone  # the centres' backbone
