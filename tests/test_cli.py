@@ -359,9 +359,11 @@ def test_resume_refuses_a_changed_config(finished_run: Path, capsys):
     assert "pretrain.epochs" in msg and "pretrain.pt" in msg
 
 
-def test_image_folder_through_dataloader_workers(tmp_path: Path):
-    """The per-sample path (DataLoader workers, PIL transforms) that file datasets such as
-    ImageNet-LT use, end to end on a small image folder."""
+@pytest.mark.parametrize("file_views", ["fast", "per_sample"])
+def test_image_folder_through_dataloader_workers(tmp_path: Path, file_views: str):
+    """Both paths of file datasets such as ImageNet-LT through DataLoader workers, end to end on
+    a small image folder: the fast path (the default: decode and crop in the workers, colour ops
+    batched in the main process) and the per-sample path (the whole transform per image)."""
     import numpy as np
     from PIL import Image
 
@@ -380,6 +382,7 @@ def test_image_folder_through_dataloader_workers(tmp_path: Path):
         "data.image_size=16",
         "data.batched_views=false",
         "data.num_workers=1",
+        f"data.file_views={file_views}",
         "data.many_threshold=10",
         "data.few_threshold=5",
         "pretrain.epochs=1",
