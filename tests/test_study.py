@@ -769,3 +769,35 @@ def test_study_files_go_through_the_one_atomic_writer(tmp_path: Path, monkeypatc
     assert run_study(str(path), report_only=True) == 0
     for name in ("study.yaml", "results.json", "study.png", "RESULTS.md", "metrics.json"):
         assert name in written, name
+
+
+def test_a_study_is_compared_with_other_budgets(tmp_path: Path):
+    axes = {"method": ["ce", "dscl"], "seed": [0, 1]}
+    short = write_study(
+        tmp_path, name="short", filename="short.yaml", axes=axes, overrides={"pretrain.epochs": 3}
+    )
+    long = write_study(
+        tmp_path,
+        name="long",
+        filename="long.yaml",
+        axes=axes,
+        overrides={"pretrain.epochs": 7},
+        compare=[str(short), "nowhere_study"],
+    )
+    top1 = {("short", "ce"): [60.0, 62.0], ("short", "dscl"): [50.0, 54.0]}
+    top1 |= {("long", "ce"): [64.0, 66.0], ("long", "dscl"): [70.0, 74.0]}
+    for path, name in ((short, "short"), (long, "long")):
+        study = load_study(path)
+        for cell in study.cells:
+            value = top1[(name, cell.settings["method"])][cell.settings["seed"]]
+            fabricate(study, cell, value, few=value / 2)
+    assert run_study(str(short), report_only=True) == 0
+    assert run_study(str(long), report_only=True) == 0
+    page = (tmp_path / "results" / "long" / "RESULTS.md").read_text()
+    assert "## Against other stage-1 budgets" in page
+    assert "- `short`: 3 stage-1 epochs, 4 of 4 cells finished" in page
+    assert "- `nowhere_study`: cannot read the study file" in page
+    assert "| dscl | 3 | 2 | 52.00 ± 2.83 | 26.00 ± 1.41 |" in page
+    assert "| dscl | 7 | 2 | 72.00 ± 2.83 | 36.00 ± 1.41 |" in page
+    assert (tmp_path / "results" / "long" / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "results" / "short" / "budget.png").exists()  # it compares nothing

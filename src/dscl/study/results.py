@@ -191,8 +191,66 @@ def write_results(study: Study, results: dict[str, Any]) -> Path:
         atomic_write(figure, _figure_png(study, results))
     else:
         (folder / "study.png").unlink(missing_ok=True)
-    page = results_markdown(study, results, figure is not None)
+    budgets = budget_comparison(study, results)
+    if budgets["points"]:
+        atomic_write(folder / "budget.png", _budget_png(study, budgets))
+    else:
+        (folder / "budget.png").unlink(missing_ok=True)
+    page = results_markdown(study, results, figure is not None, budgets)
     return atomic_write(folder / "RESULTS.md", page)
+
+
+def _stage1_epochs(study: Study) -> int | None:
+    epochs = {cell.config.pretrain.epochs for cell in study.cells}
+    return epochs.pop() if len(epochs) == 1 else None
+
+
+def budget_comparison(study: Study, results: dict[str, Any]) -> dict[str, Any]:
+    """This study's settings beside the same settings of the studies it names in ``compare``
+    (other stage-1 budgets), read from their committed ``results.json``.
+
+    Returns:
+        ``{"studies": [{name, epochs, results_json, processors, missing}], "points": {label:
+        [(epochs, study name, top1 summary, few summary), ...]}}``, points sorted by epochs.
+    """
+    from dscl.study.spec import load_study
+
+    studies = [(study, results)]
+    notes = []
+    for name in study.compare:
+        try:
+            other = load_study(name)
+        except Exception as err:  # noqa: BLE001 - reported in RESULTS.md, not fatal
+            notes.append({"name": name, "missing": f"cannot read the study file ({err})"})
+            continue
+        path = other.results_dir / "results.json"
+        try:
+            studies.append((other, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            notes.append({"name": other.name, "missing": f"no results in {path}"})
+    points: dict[str, list] = {}
+    listed = []
+    for each, res in studies:
+        epochs = _stage1_epochs(each)
+        listed.append(
+            {
+                "name": each.name,
+                "epochs": epochs,
+                "finished": res["finished"],
+                "total": res["total"],
+            }
+        )
+        for row in res["settings"]:
+            if not row["n"] or epochs is None:
+                continue
+            label = _label(row["settings"])
+            points.setdefault(label, []).append(
+                (epochs, each.name, row["n"], row["top1"], row["few"])
+            )
+    for label in points:
+        points[label].sort(key=lambda point: point[0])
+    points = {k: v for k, v in points.items() if len(v) > 1}
+    return {"studies": listed + notes, "points": points if study.compare else {}}
 
 
 def _label(settings: dict[str, Any]) -> str:
@@ -241,8 +299,14 @@ def _machine_text(machine: dict, threads: int | None = None) -> str:
     return ", ".join(parts)
 
 
-def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = True) -> str:
-    """``RESULTS.md``: tables, figure, machine, per-cell wall times and commands."""
+def results_markdown(
+    study: Study,
+    results: dict[str, Any],
+    with_figure: bool = True,
+    budgets: dict[str, Any] | None = None,
+) -> str:
+    """``RESULTS.md``: tables, figure, the comparison with other budgets, machine, per-cell wall
+    times and commands."""
     axes = [k for k in study.axes if k != study.seed_axis]
     out = [f"# Study `{study.name}`", ""]
     if study.description:
@@ -294,6 +358,32 @@ def results_markdown(study: Study, results: dict[str, Any], with_figure: bool = 
             "![per-class accuracy and group means](study.png)",
             "",
         ]
+
+    if budgets and study.compare:
+        out += ["## Against other stage-1 budgets", ""]
+        for entry in budgets["studies"]:
+            if "missing" in entry:
+                out.append(f"- `{entry['name']}`: {entry['missing']}")
+            else:
+                out.append(
+                    f"- `{entry['name']}`: {entry['epochs']} stage-1 epochs, "
+                    f"{entry['finished']} of {entry['total']} cells finished"
+                )
+        out.append("")
+        if budgets["points"]:
+            header = ["setting", "stage-1 epochs", "n", "top-1", "Few"]
+            rows = []
+            for label, pts in budgets["points"].items():
+                for epochs, _, n, top1, few in pts:
+                    rows.append([label, str(epochs), str(n), _fmt_summary(top1), _fmt_summary(few)])
+            out += [*_table(header, rows), ""]
+            out += [
+                "Mean ± sample std over the seeds each study has finished; the studies may have "
+                "run on different CPUs (see each one's Machine section).",
+                "",
+                "![top-1 and Few against stage-1 epochs](budget.png)",
+                "",
+            ]
 
     out += ["## Cells", ""]
     header = ["cell", *(LABELS[k] for k in METRICS), "wall time"]
@@ -427,6 +517,41 @@ def _figure_png(study: Study, results: dict[str, Any]) -> bytes:
     right.set_title("groups")
     right.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"study {study.name}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _budget_png(study: Study, budgets: dict[str, Any]) -> bytes:
+    """Top-1 and Few (mean ± std over seeds) against stage-1 epochs, one line per setting."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for i, (label, pts) in enumerate(budgets["points"].items()):
+        xs = [p[0] for p in pts]
+        for ax, index in zip(axes, (3, 4), strict=True):
+            means = [p[index]["mean"] for p in pts]
+            stds = [p[index]["std"] or 0.0 for p in pts]
+            ax.errorbar(
+                xs, means, yerr=stds, marker="o", capsize=3, color=f"C{i % 10}", label=label
+            )
+    for ax, title in zip(axes, ("top-1", "Few"), strict=True):
+        ax.set_xscale("log")
+        ticks = sorted({p[0] for pts in budgets["points"].values() for p in pts})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("stage-1 epochs (log scale)")
+        ax.set_ylabel(f"test {title} (%), mean ± sample std")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"study {study.name} against other stage-1 budgets")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})

@@ -12,6 +12,7 @@ A study file is YAML with these top-level keys (any other key is an error)::
     baseline: {method: ce}            # optional; paired differences are taken against it
     results: results/tail_study       # optional; where finished cells are collected (default
                                       # results/<name>, relative to where the study runs)
+    compare: [tail_study_short]       # optional; studies of other stage-1 budgets to plot against
 
 ``overrides.output_dir`` places the study folder (default: the base config's ``output_dir``).
 Every cell trains with the same ``threads`` (the study file's, else 1), whatever ``--jobs`` is,
@@ -34,7 +35,16 @@ import yaml
 from dscl.config import RunConfig, build_config, resolve_config_path
 from dscl.errors import ConfigError
 
-TOP_LEVEL_KEYS = ("name", "description", "base", "overrides", "axes", "baseline", "results")
+TOP_LEVEL_KEYS = (
+    "name",
+    "description",
+    "base",
+    "overrides",
+    "axes",
+    "baseline",
+    "results",
+    "compare",
+)
 RESULTS_ROOT = "results"  # the default results folder is results/<name>, from where it runs
 DEFAULT_THREADS = 1  # every cell's torch threads when the study file sets none
 SEED_AXIS = "seed"
@@ -80,6 +90,7 @@ class Study:
     study_dir: Path
     cells: list[Cell]
     results_dir: Path = Path(RESULTS_ROOT)
+    compare: list[str] = field(default_factory=list)  # other studies (names or files) by budget
 
     @property
     def seed_axis(self) -> str | None:
@@ -98,6 +109,8 @@ class Study:
         if self.baseline is not None:
             data["baseline"] = dict(self.baseline)
         data["results"] = str(self.results_dir)
+        if self.compare:
+            data["compare"] = list(self.compare)
         header = (
             "# dscl study: the study file as resolved (the base is a shipped name or an absolute "
             "path).\n# Run it again with: dscl study --config <this file>\n"
@@ -222,6 +235,9 @@ def load_study(path: str | Path) -> Study:
     except ConfigError as err:
         raise _fail(path, f"overrides: {err}") from None
     study_dir = Path(probe.output_dir) / name
+    compare = data.get("compare", [])
+    if not isinstance(compare, list) or not all(isinstance(c, str) and c for c in compare):
+        raise _fail(path, f"compare: need a list of study names or files, got {compare!r}")
     results = data.get("results", f"{RESULTS_ROOT}/{name}")
     if not isinstance(results, str) or not results:
         raise _fail(path, f"results: need a folder path, got {results!r}")
@@ -259,6 +275,7 @@ def load_study(path: str | Path) -> Study:
         study_dir=study_dir,
         cells=cells,
         results_dir=Path(results),
+        compare=list(compare),
     )
 
 
