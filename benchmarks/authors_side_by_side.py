@@ -526,7 +526,7 @@ def measure_dscl(setting: str, *, threads: int, device: str, extra: tuple[str, .
 # ------------------------------------------------------------------------------------ main
 
 
-def _authors_revision(path: Path) -> str:
+def authors_revision(path: Path) -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(path), "rev-parse", "HEAD"],
@@ -636,7 +636,7 @@ def main() -> None:
     print(
         f"\nbatch {BATCH}, {NUM_PATCHES} patches, queue {QUEUE}, ResNet-32, fp32, "
         f"{device}, {threads} torch thread(s); authors' code at {args.path} "
-        f"({_authors_revision(args.path)})"
+        f"({authors_revision(args.path)})"
     )
     print(
         f"authors: median of {args.steps} steps after {args.warmup} (one loader worker); "

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from authors_side_by_side import authors_revision  # a script beside this one
 
 from dscl.losses import BalancedContrastiveLoss, BCLLoss, LogitAdjustedCrossEntropy, PaCoLoss
 
@@ -280,19 +280,6 @@ def compare_paco(theirs, seeds: int, dtype: torch.dtype, worst: Worst) -> None:
                 )
 
 
-def _revision(path: Path) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -320,7 +307,7 @@ def main() -> None:
 
     for label, path in (("BCL", args.bcl), ("PaCo", args.paco)):
         if path is not None:
-            print(f"{label}: authors' code at {path} ({_revision(path)})")
+            print(f"{label}: authors' code at {path} ({authors_revision(path)})")
     print(f"{args.seeds} seeds per size; BCL sizes (B, C, D) {BCL_SIZES}")
     print(f"PaCo sizes (B, C, D, K slots, written) {PACO_SIZES}")
     print(f"\n{'loss':<52} {'cases':>5} {'worst rel. diff value':>22} {'gradients':>10}")
