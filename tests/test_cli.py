@@ -401,3 +401,22 @@ def test_image_folder_through_dataloader_workers(tmp_path: Path, file_views: str
         "medium": 1,
         "few": 1,
     }
+
+
+def test_predict_decodes_as_training_does(finished_run: Path, tmp_path: Path, monkeypatch):
+    """A 16-bit image is scaled as to_rgb scales it (value / 257), not as PIL's convert("RGB")
+    clips it, so prediction sees the pixels training saw: predict reads through load_rgb."""
+    import numpy as np
+    from PIL import Image
+
+    import dscl.predict as predict_module
+    from dscl.data.imagesets import load_rgb
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(path)
+    pixels = np.asarray(load_rgb(str(path)))
+    assert pixels.dtype == np.uint8 and pixels[7, 7, 0] == round(63000 / 257)
+    seen = []
+    monkeypatch.setattr(predict_module, "load_rgb", lambda p: seen.append(p) or load_rgb(p))
+    [(file, top)] = list(predict_module.predict_paths(finished_run / "best.pt", [path], topk=2))
+    assert file == path and seen == [str(path)] and len(top) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dscl.checkpoint import read_backbone, read_classifier, save_checkpoint
+from dscl.data.imagesets import load_rgb
 from dscl.data.views import eval_transform
 from dscl.errors import DataError, UserError
 
@@ -33,7 +34,7 @@ def predict_paths(
     checkpoint: Path, paths: list[Path], topk: int = 5, batch_size: int = 64
 ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
     """Yield (file, [(class name, probability), ...]) with the ``topk`` most likely classes."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if topk <= 0:
         raise UserError(f"--topk: must be positive, got {topk}")
@@ -51,9 +52,9 @@ def predict_paths(
         images = []
         for path in chunk:
             try:
-                with Image.open(path) as img:
-                    images.append(transform(img.convert("RGB")))
-            except (OSError, UnidentifiedImageError) as err:
+                # the decode and RGB conversion training uses (16-bit, palette, alpha alike)
+                images.append(transform(load_rgb(str(path))))
+            except (OSError, UnidentifiedImageError, ValueError) as err:
                 raise DataError(f"{path}: cannot read image ({err})") from None
         with torch.no_grad():
             probs = model(torch.stack(images)).softmax(dim=1)  # (N, C)
