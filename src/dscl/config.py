@@ -67,6 +67,8 @@ class ModelConfig:
     backbone: str = "resnet32"
     embed_dim: int = 128  # D
     pretrained: bool = False  # torchvision weights (a download; off by default)
+    # start every residual block as the identity (last BN scale 0), as the authors' ImageNet runs
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -440,6 +442,7 @@ ADDED_KEYS = {
     "data.jpeg_draft": 0,
     "data.decode_on_device": False,
     "classifier.mode": "auto",  # auto is probe for every method that existed before it
+    "model.zero_init_residual": False,
 }
 
 

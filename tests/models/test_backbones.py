@@ -171,3 +171,32 @@ def test_timm_wrapper_with_a_fake_timm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (backbone.out_channels, backbone.stride) == (6, 4)
     assert backbone(torch.randn(2, 1, 16, 16)).shape == (2, 6, 4, 4)
     assert set(backbone.export_state_dict()) == {"stem.weight", "stem.bias"}
+
+
+def test_zero_init_residual_equals_torchvisions_flag():
+    from dscl.config import build_config
+    from dscl.methods import build_method
+    from dscl.models import zero_init_residual
+
+    torch.manual_seed(0)
+    ours = build_backbone("resnet18")
+    assert zero_init_residual(ours) == 8  # every BasicBlock
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(zero_init_residual=True)
+    reference = theirs.state_dict()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert float(ours.layer1[0].bn2.weight.abs().sum()) == 0.0
+    cifar = build_backbone("resnet32")
+    assert zero_init_residual(cifar) == 15  # 3 stages x 5 blocks
+    # the setting reaches every method's backbone; the ImageNet-LT configs set it, as the authors
+    cfg = build_config(None, ["method=ce", "model.zero_init_residual=true"])
+    assert float(build_method(cfg, 3).backbone().layer1[0].bn2.weight.abs().sum()) == 0.0
+    assert (
+        float(
+            build_method(build_config(None, ["method=ce"]), 3).backbone().layer1[0].bn2.weight.sum()
+        )
+        > 0
+    )
+    paper = build_config("imagenet_lt_r50")
+    assert paper.model.zero_init_residual and paper.pretrain.queue_size == 65536

@@ -19,7 +19,7 @@ from dscl.methods import contrastive  # noqa: F401
 from dscl.methods import bcl, paco  # noqa: F401
 
 # isort: split
-from dscl.methods.base import CLASSIFY, VIEWS, DataInfo, Method, StepOutput
+from dscl.methods.base import CLASSIFY, VIEWS, DataInfo, Method, StepOutput, method_backbone
 from dscl.methods.linear_probe import LinearProbe
 from dscl.methods.registry import (
     build_method,
@@ -42,6 +42,7 @@ __all__ = [
     "StepOutput",
     "build_method",
     "check_method",
+    "method_backbone",
     "classifier_mode",
     "method_names",
     "method_sections",

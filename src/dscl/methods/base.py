@@ -18,6 +18,18 @@ VIEWS = "views"  # batches hold "query", "key", "patches", "boxes" (contrastive 
 CLASSIFY = "classify"  # batches hold one augmented "image" (cross-entropy, stage 2)
 
 
+def method_backbone(cfg: Any) -> nn.Module:
+    """The backbone a method trains, as the config says (``model.backbone``, ``model.pretrained``,
+    ``model.zero_init_residual``): the one place every builder takes it from."""
+    from dscl.models import build_backbone, zero_init_residual
+
+    m = cfg.model
+    backbone = build_backbone(m.backbone, pretrained=m.pretrained)
+    if m.zero_init_residual:
+        zero_init_residual(backbone)
+    return backbone
+
+
 @dataclass(frozen=True)
 class DataInfo:
     """What the training data says, for a method's builder.

@@ -21,9 +21,9 @@ from torch import nn
 
 from dscl.errors import ConfigError
 from dscl.losses import BCLLoss
-from dscl.methods.base import VIEWS, Method, StepOutput
+from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
 from dscl.methods.registry import register_method
-from dscl.models import Classifier, ProjectionHead, build_backbone
+from dscl.models import Classifier, ProjectionHead
 
 
 @dataclass
@@ -96,7 +96,7 @@ class BalancedContrastive(Method):
 @register_method("bcl", settings=BCLSettings, classifier="keep")
 def build_bcl(cfg, data) -> BalancedContrastive:
     s = cfg.section("bcl")
-    backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
+    backbone = method_backbone(cfg)
     model = BCLModel(backbone, data.num_classes, cfg.model.embed_dim)
     loss = BCLLoss(
         data.counts("bcl"),

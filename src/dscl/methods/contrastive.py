@@ -16,9 +16,9 @@ from torch import nn
 from dscl import dist
 from dscl.errors import ConfigError
 from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss
-from dscl.methods.base import VIEWS, Method, StepOutput
+from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
 from dscl.methods.registry import register_method, register_settings
-from dscl.models import ContrastiveModel, build_backbone
+from dscl.models import ContrastiveModel
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Contrastive(Method):
 def _builder(decoupled: bool, with_pbsd: bool):
     def build(cfg, data) -> Contrastive:
         p = cfg.pretrain
-        backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
+        backbone = method_backbone(cfg)
         model = ContrastiveModel(backbone, embed_dim=cfg.model.embed_dim, queue_size=p.queue_size)
         if decoupled:
             contrast = DSCLLoss(p.temperature, cfg.section("dscl").beta)

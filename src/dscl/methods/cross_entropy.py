@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from dscl.errors import ConfigError
-from dscl.methods.base import CLASSIFY, Method, StepOutput
+from dscl.methods.base import CLASSIFY, Method, StepOutput, method_backbone
 from dscl.methods.registry import register_method
-from dscl.models import Classifier, build_backbone
+from dscl.models import Classifier
 
 
 @dataclass
@@ -49,5 +49,5 @@ class CrossEntropy(Method):
 
 @register_method("ce", settings=CESettings, classifier="probe")
 def build_cross_entropy(cfg, data) -> CrossEntropy:
-    backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
+    backbone = method_backbone(cfg)
     return CrossEntropy(backbone, data.num_classes, cfg.section("ce").label_smoothing)

@@ -21,9 +21,9 @@ from torch import nn
 from dscl import dist
 from dscl.errors import ConfigError
 from dscl.losses import PaCoLoss
-from dscl.methods.base import VIEWS, Method, StepOutput
+from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
 from dscl.methods.registry import register_method
-from dscl.models import Classifier, ContrastiveModel, build_backbone
+from dscl.models import Classifier, ContrastiveModel
 
 
 @dataclass
@@ -109,7 +109,7 @@ class ParametricContrastive(Method):
 @register_method("paco", settings=PaCoSettings, classifier="keep")
 def build_paco(cfg, data) -> ParametricContrastive:
     s, p = cfg.section("paco"), cfg.pretrain
-    backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained)
+    backbone = method_backbone(cfg)
     model = PaCoModel(backbone, data.num_classes, cfg.model.embed_dim, p.queue_size)
     counts = data.counts("paco") if s.balanced else None
     loss = PaCoLoss(counts, temperature=s.temperature, alpha=s.alpha, beta=s.beta, gamma=s.gamma)

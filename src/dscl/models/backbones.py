@@ -107,6 +107,27 @@ def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool = False)
     return _REGISTRY[name](in_channels=in_channels, pretrained=pretrained)
 
 
+def zero_init_residual(backbone: nn.Module) -> int:
+    """Zero the scale of the last batch norm of every residual block (torchvision's
+    ``zero_init_residual``, which the authors' ImageNet runs use), so each block starts as the
+    identity. Consumes no random numbers: applied after building, it gives the same weights as
+    torchvision's flag. Returns how many blocks were changed (0: the backbone has none)."""
+    from torchvision.models.resnet import BasicBlock as TVBasic
+    from torchvision.models.resnet import Bottleneck
+
+    changed = 0
+    for module in backbone.modules():
+        last = None
+        if isinstance(module, Bottleneck):
+            last = module.bn3
+        elif isinstance(module, (TVBasic, BasicBlock)):
+            last = module.bn2
+        if last is not None and last.weight is not None:
+            nn.init.zeros_(last.weight)
+            changed += 1
+    return changed
+
+
 # --------------------------------------------------------------------------- CIFAR ResNet-32
 
 
