@@ -65,16 +65,17 @@ def build(setting: str, args, device: torch.device):
     view_cfg = ViewConfig(view_size=view, patch_size=patch)
     steps = args.steps
     images = make_synthetic([batch * steps // 10 + 1] * 10, source, seed=0, stream=0)
+    method = build_method(cfg, 10)
     feed = TrainFeed(
         images,
-        kind=build_method(cfg, 10).feed_kind,
+        kind=method.feed_kind,
         view_cfg=view_cfg,
         batch_size=batch,
         balanced=False,
         seed=0,
         device=device,
+        patches=method.uses_patches and not args.all_patches,  # as `dscl pretrain` builds it
     )
-    method = build_method(cfg, 10)
     fmt = torch.channels_last if not args.no_channels_last else torch.contiguous_format
     method.model.to(device, memory_format=fmt)
     if args.compile:  # what `dscl pretrain compile=true` does
@@ -178,6 +179,11 @@ def main() -> None:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--no-phases", dest="phases", action="store_false")
     parser.add_argument("--compile", action="store_true", help="as compile=true in a config")
+    parser.add_argument(
+        "--all-patches",
+        action="store_true",
+        help="make patch pixels even for a method that reads none (as before they were skipped)",
+    )
     args = parser.parse_args()
     runtime.set_threads(args.threads)
     device = runtime.select_device(args.device)

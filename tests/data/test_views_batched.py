@@ -204,3 +204,18 @@ def test_color_ops_are_applied_exactly_where_drawn():
     changed = (on["patches"] - off["patches"]).flatten(2).abs().amax(2).flatten() > 1e-3
     assert torch.equal(changed, pc.jitter | pc.gray)
     assert ((on["key"] - off["key"]).flatten(1).abs().amax(1) > 1e-3).all()
+
+
+def test_without_patch_pixels_the_views_and_the_generator_are_unchanged():
+    """A method without PBSD gets no patch pixels, but the same query, key and boxes, and the
+    generator ends where it ends with patches, so every later batch is the same too."""
+    cfg = V.ViewConfig(view_size=16, num_patches=3)
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    with_patches, without = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(2):  # two batches in a row
+        a = V.BatchedMultiView(cfg)(images, generator=with_patches)
+        b = V.BatchedMultiView(cfg)(images, generator=without, with_patches=False)
+        assert "patches" in a and "patches" not in b
+        for key in ("query", "key", "boxes", "patch_flips"):
+            assert torch.equal(a[key], b[key]), key
+    assert torch.equal(with_patches.get_state(), without.get_state())

@@ -206,7 +206,7 @@ def draw_view_params(
 
 
 def _finish(
-    query: Tensor, key: Tensor, patches: Tensor, params: ViewParams, cfg: ViewConfig
+    query: Tensor, key: Tensor, patches: Tensor | None, params: ViewParams, cfg: ViewConfig
 ) -> dict[str, Tensor]:
     """Colour + normalisation shared by both paths; views (N, 3, S, S), patches (N, L, 3, P, P)."""
     colors = (params.query_color, params.patch_color, params.key_color)
@@ -216,7 +216,7 @@ def _finish(
 def finish_views(
     query: Tensor,
     key: Tensor,
-    patches: Tensor,
+    patches: Tensor | None,
     boxes: Tensor,
     patch_flips: Tensor,
     colors: tuple[ColorParams | None, ColorParams | None, ColorParams | None],
@@ -226,7 +226,8 @@ def finish_views(
 
     Args:
         query, key: (N, 3, S, S) float in [0, 1], cropped, resized and flipped.
-        patches: (N, L, 3, P, P) float in [0, 1].
+        patches: (N, L, 3, P, P) float in [0, 1], or None (no patch pixels: a method without
+            PBSD); the result then has no ``patches``.
         boxes, patch_flips: (N, L, 4) and (N, L), passed through.
         colors: colour parameters of the N queries, N·L patches and N keys (None: no colour).
         cfg: view settings (blur sizes, mean, std).
@@ -238,19 +239,22 @@ def finish_views(
     if query_color is not None:
         query = apply_color(query, query_color, blur_kernel_size(cfg.view_size, cfg.blur_min_size))
         key = apply_color(key, key_color, 0)
-        flat = apply_color(
-            patches.flatten(0, 1),
-            patch_color,
-            blur_kernel_size(cfg.patch_px, cfg.blur_min_size),
-        )  # (N·L, 3, P, P)
-        patches = flat.view_as(patches)
-    return {
+        if patches is not None:
+            flat = apply_color(
+                patches.flatten(0, 1),
+                patch_color,
+                blur_kernel_size(cfg.patch_px, cfg.blur_min_size),
+            )  # (N·L, 3, P, P)
+            patches = flat.view_as(patches)
+    out = {
         "query": normalise(query, cfg.mean, cfg.std),
         "key": normalise(key, cfg.mean, cfg.std),
-        "patches": normalise(patches, cfg.mean, cfg.std),
         "boxes": boxes,
         "patch_flips": patch_flips,
     }
+    if patches is not None:
+        out["patches"] = normalise(patches, cfg.mean, cfg.std)
+    return out
 
 
 # ---------------------------------------------------------------- stage-1 views
@@ -311,8 +315,14 @@ class BatchedMultiView:
             raise ValueError(f"cfg must be a ViewConfig, got {type(cfg).__name__}")
 
     def __call__(
-        self, images: Tensor, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        with_patches: bool = True,
     ) -> dict[str, Tensor]:
+        """With ``with_patches=False`` no patch pixels are made (no ``patches`` in the result),
+        but every random parameter is drawn as with them, so query, key and the generator's
+        state are exactly those of a call with patches."""
         # B batch, L patches, S view size, P patch size
         cfg = self.cfg
         x = check_batch(images)  # (B, 3, H, W) in [0, 1]
@@ -321,9 +331,11 @@ class BatchedMultiView:
         query = resample_boxes(
             x, params.query_boxes[:, None], params.query_flips[:, None], cfg.view_size
         )[:, 0]  # (B, 3, S, S)
-        patches = resample_boxes(
-            query, params.patch_boxes, params.patch_flips, cfg.patch_px
-        )  # (B, L, 3, P, P)
+        patches = None
+        if with_patches:
+            patches = resample_boxes(
+                query, params.patch_boxes, params.patch_flips, cfg.patch_px
+            )  # (B, L, 3, P, P)
         key = resample_boxes(
             x, params.key_boxes[:, None], params.key_flips[:, None], cfg.view_size
         )[:, 0]  # (B, 3, S, S)

@@ -88,6 +88,7 @@ class TrainFeed:
         file_views: str = "fast",
         jpeg_draft: int = 0,
         decode_on_device: bool = False,
+        patches: bool = True,
     ) -> None:
         if kind not in (VIEWS, CLASSIFY):
             raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
@@ -98,6 +99,8 @@ class TrainFeed:
         # decoding on the device needs nvJPEG; on a CPU the workers decode (tests force it)
         self.device_decode = bool(decode_on_device) and device.type == "cuda"
         self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
+        # in-memory views: False skips the patch pixels (their parameters are still drawn)
+        self.patches = patches
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -172,7 +175,7 @@ class TrainFeed:
             images = self.images[batch_idx]  # (B, 3, H, W) uint8
             labels = self.labels_on_device[batch_idx]
             if self.kind == VIEWS:
-                inputs = self.multiview(images, generator=g)
+                inputs = self.multiview(images, generator=g, with_patches=self.patches)
             else:
                 inputs = {
                     "image": batched_classifier_train(

@@ -41,8 +41,11 @@ class StageContext:
     logger: runtime.RunLogger
     stop: StopSignals | None = None  # stop requests (SIGTERM/SIGINT) while training
 
-    def train_feed(self, kind: str, batch_size: int, key: str, balanced: bool, seed: int):
-        """Training batches of ``kind`` for the global ``batch_size`` (setting ``key``)."""
+    def train_feed(
+        self, kind: str, batch_size: int, key: str, balanced: bool, seed: int, patches=True
+    ):
+        """Training batches of ``kind`` for the global ``batch_size`` (setting ``key``);
+        ``patches=False``: a method that reads no patches (none are made in memory)."""
         d = self.cfg.data
         return TrainFeed(
             self.splits.train,
@@ -57,6 +60,7 @@ class StageContext:
             file_views=d.file_views,
             jpeg_draft=d.jpeg_draft,
             decode_on_device=d.decode_on_device,
+            patches=patches,
         )
 
     def eval_batches(self, dataset):
@@ -130,7 +134,9 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     if cfg.compile:
         runtime.compile_for_training(method.compile_targets(), device)
         ctx.logger.info("compile=true: the first steps compile the encoders (a minute or more)")
-    feed = ctx.train_feed(method.feed_kind, p.batch_size, "pretrain.batch_size", False, cfg.seed)
+    feed = ctx.train_feed(
+        method.feed_kind, p.batch_size, "pretrain.batch_size", False, cfg.seed, method.uses_patches
+    )
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)
     opt = ctx.optimization(method, lr_at, p.momentum, p.weight_decay)

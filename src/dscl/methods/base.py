@@ -87,6 +87,9 @@ class Method:
     """
 
     feed_kind: str = CLASSIFY
+    # with feed_kind VIEWS: whether step() reads batch.inputs["patches"] (False: the in-memory
+    # feed makes no patch pixels, drawing their random parameters all the same)
+    uses_patches: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -73,6 +73,7 @@ class BalancedContrastive(Method):
     """BCL: one stage, the classifier trained jointly with the balanced contrastive loss."""
 
     feed_kind = VIEWS
+    uses_patches = False
 
     def __init__(self, model: BCLModel, loss: BCLLoss) -> None:
         super().__init__(model)

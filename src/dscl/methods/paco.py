@@ -69,6 +69,7 @@ class ParametricContrastive(Method):
     """PaCo: queries against keys, queue and class centres; the centres are the classifier."""
 
     feed_kind = VIEWS
+    uses_patches = False
 
     def __init__(self, model: PaCoModel, loss: PaCoLoss, encoder_momentum: float) -> None:
         super().__init__(model)
