@@ -467,11 +467,29 @@ def test_failed_cell_stops_with_its_log(tmp_path: Path, capsys, monkeypatch):
 
 def test_shipped_study_config_validates():
     study = load_study("study_fashion_mnist_lt")
-    assert len(study.cells) == 15 and study.baseline == {"method": "ce"}
-    assert study.cells[-1].name == "method-dscl+pbsd_seed-2"
+    assert len(study.cells) == 21 and study.baseline == {"method": "ce"}
+    assert study.cells[-1].name == "method-paco_seed-2"
     assert study.cells[0].config.data.class_order == 1
     assert study.cells[0].config.pretrain.epochs == 30
     assert study.cells[0].config.pretrain.knn_every == 5
+    assert {c.config.threads for c in study.cells} == {1}
+    paper = load_study("study_fashion_mnist_lt_paper")
+    assert [c.name for c in paper.cells[:4]] == [
+        "seed-0_method-ce",
+        "seed-0_method-supcon",
+        "seed-0_method-dscl",
+        "seed-0_method-dscl+pbsd",
+    ]  # seed-major: every finished prefix of seeds is a complete paired comparison
+    cfg = paper.cells[3].config
+    assert (cfg.pretrain.epochs, cfg.pretrain.warmup_epochs) == (200, 10)
+    assert (cfg.classifier.epochs, cfg.classifier.milestones) == (40, [20, 30])
+    assert (cfg.pretrain.batch_size, cfg.pretrain.queue_size, cfg.pretrain.encoder_momentum) == (
+        128,
+        1024,
+        0.99,
+    )
+    assert (cfg.data.image_size, cfg.data.class_order, cfg.threads, cfg.amp) == (28, 1, 2, "auto")
+    assert str(paper.results_dir) == "results/study_fashion_mnist_lt_paper"
 
 
 # ---------------------------------------------------------------- end to end
