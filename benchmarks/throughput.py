@@ -38,7 +38,7 @@ from dscl.data.views import BatchedMultiView, ViewConfig
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
 from dscl.engine.loop import Optimization, StepTimes, run_epoch
-from dscl.methods import build_method
+from dscl.methods import DataInfo, build_method
 
 SETTINGS = {
     # name: (backbone, view size, patch size, source image size, default batch)
@@ -64,8 +64,9 @@ def build(setting: str, args, device: torch.device):
     cfg.pretrain.queue_size = args.queue_size
     view_cfg = ViewConfig(view_size=view, patch_size=patch)
     steps = args.steps
-    images = make_synthetic([batch * steps // 10 + 1] * 10, source, seed=0, stream=0)
-    method = build_method(cfg, 10)
+    counts = [batch * steps // 10 + 1] * 10
+    images = make_synthetic(counts, source, seed=0, stream=0)
+    method = build_method(cfg, DataInfo(num_classes=10, class_counts=tuple(counts)))
     feed = TrainFeed(
         images,
         kind=method.feed_kind,
@@ -131,7 +132,9 @@ def measure_limit(setting: str, args, device: torch.device) -> float:
     cfg, view_cfg, feed, method, opt, batch = build(setting, args, device)
     model = method.model
     fmt = opt.memory_format
-    encoder = model.query_encoder if hasattr(model, "query_encoder") else None
+    moco = getattr(model, "contrastive", model)  # paco keeps its MoCo model beside a classifier
+    encoder = getattr(moco, "query_encoder", None)
+    two_views = args.method == "bcl"  # one backbone pass over both views, no momentum encoder
     views = BatchedMultiView(view_cfg)
     images = feed.images[:batch]
     x = views(images, generator=torch.Generator(device=device).manual_seed(0))
@@ -142,14 +145,16 @@ def measure_limit(setting: str, args, device: torch.device) -> float:
 
     def work() -> None:
         with runtime.autocast(device, opt.amp):
-            if encoder is None:  # ce: one view through backbone + linear layer
+            if two_views:
+                out = sum(t.float().sum() for t in model(query, key))
+            elif encoder is None:  # ce: one view through backbone + linear layer
                 out = model(query).float().sum()
             else:
                 out = encoder(query).float().sum()
                 if with_patches:
                     out = out + encoder(patches).float().sum()
                 with torch.no_grad():
-                    model.momentum_encoder(key)
+                    moco.momentum_encoder(key)
         out.backward()
 
     rates = []
