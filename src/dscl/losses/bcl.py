@@ -9,7 +9,6 @@ but the input checks of :mod:`dscl.losses.dscl`: tensors in, scalar out.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,19 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dscl import TemperatureLoss, _check_labels, check_embedding, compute_dtype
-
-
-def check_weight(name: str, value: float) -> float:
-    """A finite number >= 0 (a loss weight or exponent)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+from .dscl import TemperatureLoss, _check_labels, check_embedding, check_weight, compute_dtype
 
 
 def check_class_counts(class_counts: Sequence[int] | Tensor, allow_zero: bool) -> Tensor:

@@ -26,6 +26,18 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def check_weight(name: str, value: float) -> float:
+    """A finite number >= 0 (a loss weight or exponent)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_embedding(name: str, tensor: Tensor, ndim: int) -> None:
     if not isinstance(tensor, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -228,14 +240,7 @@ class DSCLLoss(_PositiveWeightedLoss):
 
     def __init__(self, temperature: float = 0.07, beta: float = 8.0) -> None:
         super().__init__(temperature)
-        if (
-            isinstance(beta, bool)
-            or not isinstance(beta, (int, float))
-            or not math.isfinite(beta)
-            or beta < 0
-        ):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_weight("beta", beta)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, beta={self.beta}"

@@ -14,8 +14,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .bcl import check_class_counts, check_label_range, check_weight
-from .dscl import TemperatureLoss, _check_contrast_inputs, check_embedding, compute_dtype
+from .bcl import check_class_counts, check_label_range
+from .dscl import (
+    TemperatureLoss,
+    _check_contrast_inputs,
+    check_embedding,
+    check_weight,
+    compute_dtype,
+)
 
 # added to the prior inside the log, as in the authors' code (log(weight + 1e-9)); it also keeps
 # a class with no training image finite
