@@ -73,9 +73,7 @@ def train_classifier(
         if (epoch + 1) % c.eval_every and epoch != c.epochs - 1:
             return None
         metrics = evaluate_model(ctx, probe.model, val_batches)
-        val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
-        step = (epoch + 1) * steps - 1
-        ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step} | val)
+        log_validation(ctx, metrics, epoch, (epoch + 1) * steps - 1)
         ctx.logger.info(f"stage 2 epoch {epoch + 1}: validation top-1 {metrics['top1']:.2f}")
         if metrics["top1"] > best["top1"]:
             best["top1"] = metrics["top1"]
@@ -102,6 +100,12 @@ def train_classifier(
     return best_path
 
 
+def log_validation(ctx: StageContext, metrics: dict, epoch: int, step: int, **extra) -> None:
+    """The stage-2 validation record of the training log."""
+    val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
+    ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": step, **extra} | val)
+
+
 def _own_classifier_state(stage1: dict[str, Any]) -> dict:
     own = stage1.get("classifier")
     if own is None:
@@ -121,8 +125,7 @@ def keep_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
     model.to(ctx.device, memory_format=memory_format(cfg))
     metrics = evaluate_model(ctx, model, ctx.eval_batches(ctx.splits.val))
     epoch = cfg.pretrain.epochs - 1
-    val = {f"val_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")}
-    ctx.logger.log({"stage": "classifier", "epoch": epoch, "step": 0, "mode": "keep"} | val)
+    log_validation(ctx, metrics, epoch, 0, mode="keep")
     ctx.logger.info(
         f"stage 2: classifier.mode=keep, the method's own classifier (validation top-1 "
         f"{metrics['top1']:.2f}); nothing to train"

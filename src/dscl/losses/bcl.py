@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dscl import TemperatureLoss, _check_labels, check_embedding, check_weight, compute_dtype
+from .dscl import (
+    TemperatureLoss,
+    _check_labels,
+    check_embedding,
+    check_view_pair,
+    check_weight,
+    compute_dtype,
+)
 
 
 def check_class_counts(class_counts: Sequence[int] | Tensor, allow_zero: bool) -> Tensor:
@@ -90,15 +97,8 @@ class BalancedContrastiveLoss(TemperatureLoss):
             Scalar loss, float32 (float64 when an embedding input is float64), even under
             autocast.
         """
-        check_embedding("view1", view1, 2)
-        check_embedding("view2", view2, 2)
+        check_view_pair("view1", view1, "view2", view2)
         check_embedding("prototypes", prototypes, 2)
-        if view1.shape[0] == 0:
-            raise ValueError("view1 must hold at least one row, got batch size 0")
-        if view2.shape != view1.shape:
-            raise ValueError(
-                f"view2 must have the shape of view1 {tuple(view1.shape)}, got {tuple(view2.shape)}"
-            )
         if prototypes.shape[0] == 0 or prototypes.shape[1] != view1.shape[1]:
             raise ValueError(
                 f"prototypes must have shape (C >= 1, {view1.shape[1]}), got "

@@ -47,6 +47,18 @@ def check_embedding(name: str, tensor: Tensor, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
 
 
+def check_view_pair(first: str, a: Tensor, second: str, b: Tensor) -> None:
+    """Two (B, D) embeddings of the same B >= 1 images (query/key, view1/view2)."""
+    check_embedding(first, a, 2)
+    check_embedding(second, b, 2)
+    if a.shape[0] == 0:
+        raise ValueError(f"{first} must hold at least one row, got batch size 0")
+    if b.shape != a.shape:
+        raise ValueError(
+            f"{second} must have the shape of {first} {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+
+
 def _check_labels(name: str, tensor: Tensor, size: int) -> None:
     if not isinstance(tensor, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -151,14 +163,7 @@ def _check_contrast_inputs(
     queue_labels: Tensor,
     queue_valid: Tensor | None,
 ) -> None:
-    check_embedding("query", query, 2)
-    check_embedding("key", key, 2)
-    if query.shape[0] == 0:
-        raise ValueError("query must hold at least one row, got batch size 0")
-    if key.shape != query.shape:
-        raise ValueError(
-            f"key must have the shape of query {tuple(query.shape)}, got {tuple(key.shape)}"
-        )
+    check_view_pair("query", query, "key", key)
     _check_labels("labels", labels, query.shape[0])
     check_queue(queue, query.shape[1], queue_valid)
     _check_labels("queue_labels", queue_labels, queue.shape[0])

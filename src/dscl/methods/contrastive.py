@@ -107,9 +107,7 @@ class Contrastive(Method):
         return StepOutput(loss, logs)
 
     def after_step(self) -> None:
-        self.model.update_momentum_encoder(self.encoder_momentum)
-        keys, labels = self._keys
-        self.model.queue.enqueue(keys.detach().float(), labels)
+        self.model.follow_and_enqueue(self.encoder_momentum, *self._keys)
         self._keys = None
 
     def compile_targets(self) -> list[nn.Module]:

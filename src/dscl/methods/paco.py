@@ -91,9 +91,7 @@ class ParametricContrastive(Method):
         return StepOutput(loss)
 
     def after_step(self) -> None:
-        self.model.contrastive.update_momentum_encoder(self.encoder_momentum)
-        keys, labels = self._keys
-        self.model.contrastive.queue.enqueue(keys.detach().float(), labels)
+        self.model.contrastive.follow_and_enqueue(self.encoder_momentum, *self._keys)
         self._keys = None
 
     def compile_targets(self) -> list[nn.Module]:

@@ -147,6 +147,13 @@ class ContrastiveModel(nn.Module):
         torch._foreach_mul_(momentum_params, momentum)
         torch._foreach_add_(momentum_params, query_params, alpha=1.0 - momentum)
 
+    @torch.no_grad()
+    def follow_and_enqueue(self, momentum: float, keys: Tensor, labels: Tensor) -> None:
+        """After an optimizer step: the momentum encoder's EMA step, then ``keys`` (N, D) with
+        their ``labels`` (N,) into the queue (MoCo's order)."""
+        self.update_momentum_encoder(momentum)
+        self.queue.enqueue(keys.detach().float(), labels)
+
     def forward(
         self,
         query_view: Tensor,
