@@ -50,7 +50,7 @@ class TwoLayer(Backbone):
 def two_layer():
     register_backbone("two_layer_test")(lambda *, in_channels=3, pretrained=False: TwoLayer())
     yield "two_layer_test"
-    _REGISTRY.pop("two_layer_test")
+    _REGISTRY.remove("two_layer_test")
 
 
 class Views:

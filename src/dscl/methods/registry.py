@@ -18,9 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 from dscl.errors import ConfigError
+from dscl.registry import Registry
 
 Builder = Callable[[Any, Any], Any]
-_BUILDERS: dict[str, Builder] = {}
+_BUILDERS: Registry[Builder] = Registry(
+    duplicate=lambda name: ValueError(f"method {name!r} is registered already"),
+    unknown=lambda name, names: ConfigError(f"method: {name!r} is not one of {', '.join(names)}"),
+)
 _SECTIONS: dict[str, type] = {}  # section name -> settings dataclass
 _USES: dict[str, tuple[str, ...]] = {}  # method name -> the sections it reads
 # method name -> what classifier.mode=auto means for it, for a method with its own classifier
@@ -60,8 +64,7 @@ def register_method(
         raise ValueError(f"method {name!r}: classifier must be None, 'keep' or 'probe'")
 
     def add(builder: Builder) -> Builder:
-        if name in _BUILDERS and _BUILDERS[name] is not builder:
-            raise ValueError(f"method {name!r} is registered already")
+        _BUILDERS.check_add(name, builder)
         uses = tuple(sections)
         if settings is not None:
             register_settings(name, settings)
@@ -69,7 +72,7 @@ def register_method(
         for section in uses:
             if section not in _SECTIONS:
                 raise ValueError(f"method {name!r}: settings section {section!r} is not registered")
-        _BUILDERS[name] = builder
+        _BUILDERS.add(name, builder)
         _USES[name] = uses
         if classifier is not None:
             _CLASSIFIER[name] = classifier
@@ -80,7 +83,7 @@ def register_method(
 
 def unregister_method(name: str) -> None:
     """Remove method ``name`` and its own settings section (for tests of added methods)."""
-    _BUILDERS.pop(name, None)
+    _BUILDERS.remove(name)
     _USES.pop(name, None)
     _SECTIONS.pop(name, None)
     _CLASSIFIER.pop(name, None)
@@ -88,13 +91,12 @@ def unregister_method(name: str) -> None:
 
 def method_names() -> list[str]:
     """The registered method names, in registration order."""
-    return list(_BUILDERS)
+    return _BUILDERS.names()
 
 
 def check_method(name: str) -> None:
     """Raise ConfigError unless ``name`` is a registered method."""
-    if name not in _BUILDERS:
-        raise ConfigError(f"method: {name!r} is not one of {', '.join(_BUILDERS)}")
+    _BUILDERS.get(name)
 
 
 def method_sections(name: str) -> tuple[str, ...]:
@@ -141,5 +143,4 @@ def build_method(cfg: Any, data: Any):
     :class:`~dscl.methods.base.DataInfo`, or just the number of classes)."""
     from dscl.methods.base import DataInfo
 
-    check_method(cfg.method)
-    return _BUILDERS[cfg.method](cfg, DataInfo.of(data))
+    return _BUILDERS.get(cfg.method)(cfg, DataInfo.of(data))

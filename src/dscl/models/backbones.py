@@ -25,6 +25,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from dscl.registry import Registry
+
 __all__ = [
     "Backbone",
     "BasicBlock",
@@ -55,7 +57,14 @@ class Backbone(nn.Module):
 
 
 BackboneBuilder = Callable[..., Backbone]
-_REGISTRY: dict[str, BackboneBuilder] = {}
+_REGISTRY: Registry[BackboneBuilder] = Registry(
+    duplicate=lambda name: ValueError(f"name {name!r} is already registered"),
+    unknown=lambda name, names: ValueError(
+        f"unknown backbone name {name!r}; available: {', '.join(sorted(names))}"
+        + (f" or '{TIMM_PREFIX}<model_name>'" if _timm_available() else "")
+    ),
+    same_again=False,
+)
 
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -64,17 +73,14 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
         raise ValueError(f"name must be non-empty and not start with {TIMM_PREFIX!r}, got {name!r}")
 
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"name {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
+        return _REGISTRY.add(name, builder)
 
     return decorator
 
 
 def list_backbones() -> list[str]:
     """Sorted names accepted by :func:`build_backbone` (besides ``timm:<model>`` with timm)."""
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool = False) -> Backbone:
@@ -99,12 +105,7 @@ def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool = False)
         return TimmBackbone(
             name[len(TIMM_PREFIX) :], in_channels=in_channels, pretrained=pretrained
         )
-    if name not in _REGISTRY:
-        timm_note = f" or '{TIMM_PREFIX}<model_name>'" if _timm_available() else ""
-        raise ValueError(
-            f"unknown backbone name {name!r}; available: {', '.join(list_backbones())}{timm_note}"
-        )
-    return _REGISTRY[name](in_channels=in_channels, pretrained=pretrained)
+    return _REGISTRY.get(name)(in_channels=in_channels, pretrained=pretrained)
 
 
 def zero_init_residual(backbone: nn.Module) -> int:
