@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import torch
 
 from dscl.errors import CheckpointError
+from dscl.runfiles import previous_name
 
 
 @functools.cache
@@ -107,7 +108,7 @@ def _keep_previous(path: Path) -> None:
 def previous_path(path: str | Path) -> Path:
     """Where the file that ``path`` replaced is kept: ``pretrain.pt`` -> ``pretrain.prev.pt``."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
+    return path.with_name(previous_name(path.name))
 
 
 def verify_readable(path: Path) -> None:

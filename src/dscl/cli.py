@@ -18,21 +18,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dscl import __version__
+from dscl import __version__, runfiles
 from dscl.errors import RunFolderError
 from dscl.study import add_study_parser, cmd_study
 
 RUN_FILES = (
-    "pretrain.pt",
-    "last.pt",
-    "best.pt",
-    "metrics.json",
-    "train_log.jsonl",
-    "report.html",
-    "config.yaml",
-    "data_summary.json",
-    "pretrain.prev.pt",
-    "last.prev.pt",
+    runfiles.PRETRAIN,
+    runfiles.LAST,
+    runfiles.BEST,
+    runfiles.METRICS,
+    runfiles.TRAIN_LOG,
+    runfiles.REPORT,
+    runfiles.CONFIG,
+    runfiles.DATA_SUMMARY,
+    runfiles.PRETRAIN_PREV,
+    runfiles.LAST_PREV,
 )
 
 
@@ -185,16 +185,16 @@ def resolve_config(args: argparse.Namespace, *, prefer_run_config: bool = False)
     config_file = args.config
     if config_file is None and prefer_run_config:
         probe = build_config(None, overrides)
-        saved = Path(probe.output_dir) / probe.name / "config.yaml"
+        saved = Path(probe.output_dir) / probe.name / runfiles.CONFIG
         config_file = saved if saved.is_file() else None
     return build_config(config_file, overrides)
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     """Check the run folder before any work: writable, and not a finished run to clobber."""
-    finished = (run_dir / "metrics.json").is_file() or (run_dir / "best.pt").is_file()
+    finished = (run_dir / runfiles.METRICS).is_file() or (run_dir / runfiles.BEST).is_file()
     if run_dir.exists() and not (overwrite or resume):
-        if finished or (run_dir / "pretrain.pt").is_file():
+        if finished or (run_dir / runfiles.PRETRAIN).is_file():
             raise RunFolderError(
                 f"{run_dir}: already holds a run; use --overwrite to replace it, --resume to "
                 "continue it, or --name for a new one"
@@ -215,7 +215,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume and os.environ.get("RANK", "0") == "0":
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        shutil.rmtree(run_dir / runfiles.TENSORBOARD, ignore_errors=True)
 
 
 def make_context(cfg, run_dir: Path):
@@ -274,7 +274,7 @@ def make_context(cfg, run_dir: Path):
     for note in summary.get("notes", []):
         logger.info(f"data note: {note}")
     if dist.is_main_process():
-        write_json(run_dir / "data_summary.json", summary)
+        write_json(run_dir / runfiles.DATA_SUMMARY, summary)
     return ctx
 
 
@@ -284,7 +284,7 @@ def _write_config(cfg, run_dir: Path) -> None:
     from dscl.config import config_to_yaml
 
     if dist.is_main_process():
-        atomic_write(run_dir / "config.yaml", config_to_yaml(cfg))
+        atomic_write(run_dir / runfiles.CONFIG, config_to_yaml(cfg))
 
 
 @dataclass
@@ -318,7 +318,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
     plan = ResumePlan()
     if mode is None:
         return plan
-    saved_cfg = run_dir / "config.yaml"
+    saved_cfg = run_dir / runfiles.CONFIG
     if mode == "auto" and saved_cfg.is_file():
         difference = first_difference(load_yaml(saved_cfg), config_to_dict(cfg))
         if difference:
@@ -326,7 +326,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
                 f"{run_dir}: holds a run of another config ({difference}); use --overwrite to "
                 "replace it or --name for a new run"
             )
-    pretrain_pt, last_pt = run_dir / "pretrain.pt", run_dir / "last.pt"
+    pretrain_pt, last_pt = run_dir / runfiles.PRETRAIN, run_dir / runfiles.LAST
     if stage1 and (pretrain_pt.is_file() or previous_path(pretrain_pt).is_file()):
         state = read_stage1(pretrain_pt, cfg, resume=True)
         if state.get("finished"):
@@ -345,7 +345,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
         elif "next_batch" in state:  # a training state (older last.pt files hold none)
             plan.stage2_state = state
     if stage2:
-        plan.finished = plan.stage2_done and (run_dir / "metrics.json").is_file()
+        plan.finished = plan.stage2_done and (run_dir / runfiles.METRICS).is_file()
     else:
         plan.finished = plan.stage1_done is not None
     return plan
@@ -368,7 +368,7 @@ def cmd_pretrain(args, *, then_classify: bool = False) -> int:
     with _stop_signals(ctx):
         if plan.stage1_done is None:
             stage1 = read_stage1(pretrain(ctx, plan.stage1_state), cfg)
-            ctx.logger.info(f"stage 1 checkpoint: {run_dir / 'pretrain.pt'}")
+            ctx.logger.info(f"stage 1 checkpoint: {run_dir / runfiles.PRETRAIN}")
         else:
             stage1 = plan.stage1_done
             if then_classify:
@@ -391,12 +391,12 @@ def _stop_signals(ctx):
 def _classify_evaluate(ctx, stage1: dict, plan: ResumePlan | None = None) -> int:
     """Stage 2 (unless finished), test evaluation and the report; exit code."""
     from dscl import dist
-    from dscl.engine.classifier import BEST, evaluate_checkpoint, train_classifier
+    from dscl.engine.classifier import evaluate_checkpoint, train_classifier
     from dscl.engine.evaluate import format_metrics_table
 
     plan = plan or ResumePlan()
     if plan.stage2_done:
-        best = ctx.run_dir / BEST
+        best = ctx.run_dir / runfiles.BEST
     else:
         best = train_classifier(ctx, stage1, plan.stage2_state)
     dist.barrier()
@@ -425,7 +425,7 @@ def cmd_run(args) -> int:
 def cmd_classify(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
-    path = Path(args.pretrained) if args.pretrained else run_dir / "pretrain.pt"
+    path = Path(args.pretrained) if args.pretrained else run_dir / runfiles.PRETRAIN
     from dscl.checkpoint import read_stage1
 
     stage1 = read_stage1(path, cfg)  # a checkpoint that does not fit stops before any work
@@ -444,7 +444,7 @@ def cmd_classify(args) -> int:
 def cmd_evaluate(args) -> int:
     cfg = resolve_config(args, prefer_run_config=True)
     run_dir = Path(cfg.output_dir) / cfg.name
-    path = Path(args.checkpoint) if args.checkpoint else run_dir / "best.pt"
+    path = Path(args.checkpoint) if args.checkpoint else run_dir / runfiles.BEST
     from dscl.checkpoint import read_classifier
     from dscl.engine.classifier import evaluate_checkpoint
     from dscl.engine.evaluate import format_metrics_table

@@ -16,6 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from dscl import runfiles
 from dscl.checkpoint import atomic_write
 from dscl.data.shots import SHOT_GROUPS, assign_shot_groups
 
@@ -45,15 +46,16 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run_dir must be an existing directory, got {str(run_dir)!r}")
-    metrics, metrics_error = _read_metrics(run_dir / "metrics.json")
-    records, malformed = _read_log(run_dir / "train_log.jsonl")
+    metrics, metrics_error = _read_metrics(run_dir / runfiles.METRICS)
+    log_path = run_dir / runfiles.TRAIN_LOG
+    records, malformed = _read_log(log_path)
     body = [f"<h1>Run report: {html.escape(run_dir.resolve().name)}</h1>", "<h2>Summary</h2>"]
     if metrics is None:
         body.append(f'<p class="note">{html.escape(metrics_error)}</p>')
     else:
         body += _summary_section(metrics)
     body.append("<h2>Training curves</h2>")
-    if not (run_dir / "train_log.jsonl").is_file():
+    if not log_path.is_file():
         body.append('<p class="note">No train_log.jsonl in this run folder.</p>')
     if malformed:
         body.append(
@@ -65,7 +67,7 @@ def write_report(run_dir: str | Path) -> Path:
         body.append("<h2>Validation curves</h2>")
         body += [_img(fig) for fig in val_figs]
     body.append("<h2>Configuration</h2>")
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / runfiles.CONFIG
     if config_path.is_file():
         config_text = html.escape(config_path.read_text(encoding="utf-8", errors="replace"))
         body.append(f"<details><summary>config.yaml</summary><pre>{config_text}</pre></details>")
@@ -76,7 +78,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"<title>dscl report: {html.escape(run_dir.resolve().name)}</title>"
         f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-    return atomic_write(run_dir / "report.html", page)
+    return atomic_write(run_dir / runfiles.REPORT, page)
 
 
 def _read_metrics(path: Path) -> tuple[dict | None, str]:

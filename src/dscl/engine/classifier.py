@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from dscl import dist
+from dscl import dist, runfiles
 from dscl.checkpoint import git_commit, read_classifier, save_checkpoint, write_json
 from dscl.config import config_to_dict
 from dscl.engine import runtime
@@ -22,8 +22,6 @@ from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe, classifier_mode
 from dscl.models import Classifier, build_backbone
-
-LAST, BEST = "last.pt", "best.pt"
 
 
 def start_from_stage1_rng(stage1: dict[str, Any]) -> None:
@@ -65,7 +63,7 @@ def train_classifier(
         c.base_lr * c.batch_size / 2048, c.epochs, steps, c.milestones, c.gamma
     )
     opt = ctx.optimization(probe, lr_at, c.momentum, c.weight_decay)
-    best_path, last_path = ctx.run_dir / BEST, ctx.run_dir / LAST
+    best_path, last_path = ctx.run_dir / runfiles.BEST, ctx.run_dir / runfiles.LAST
     best = {"top1": resume_state["best_top1"] if resume_state is not None else -1.0}
 
     def validate(epoch: int) -> dict | None:
@@ -130,7 +128,7 @@ def keep_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
         f"stage 2: classifier.mode=keep, the method's own classifier (validation top-1 "
         f"{metrics['top1']:.2f}); nothing to train"
     )
-    best_path = ctx.run_dir / BEST
+    best_path = ctx.run_dir / runfiles.BEST
     if dist.is_main_process():
         save_checkpoint(classifier_state(ctx, model, epoch, metrics), best_path)
     return best_path
@@ -183,5 +181,5 @@ def evaluate_checkpoint(
         "class_names": list(ctx.splits.class_names),
     }
     if dist.is_main_process():
-        write_json(ctx.run_dir / "metrics.json", metrics)
+        write_json(ctx.run_dir / runfiles.METRICS, metrics)
     return metrics

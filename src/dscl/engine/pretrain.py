@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dscl import dist
+from dscl import dist, runfiles
 from dscl.checkpoint import git_commit
 from dscl.config import RunConfig, config_to_dict
 from dscl.engine import runtime
@@ -24,8 +24,6 @@ from dscl.engine.preemption import StopSignals
 from dscl.engine.stage import train_stage
 from dscl.errors import SetupError
 from dscl.methods import DataInfo, Method, build_method
-
-PRETRAIN_CHECKPOINT = "pretrain.pt"
 
 
 @dataclass
@@ -140,7 +138,7 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)
     opt = ctx.optimization(method, lr_at, p.momentum, p.weight_decay)
-    ckpt_path = ctx.run_dir / PRETRAIN_CHECKPOINT
+    ckpt_path = ctx.run_dir / runfiles.PRETRAIN
 
     def state(epoch: int, val: dict | None) -> dict:
         return {

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dscl import dist
+from dscl import dist, runfiles
 from dscl.cpuinfo import cpu_flags
 from dscl.errors import SetupError
 
@@ -188,11 +188,11 @@ class RunLogger:
         self.writer = None
         if self.active:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(run_dir / "train_log.jsonl", "a", buffering=1)  # noqa: SIM115
+            self.log_file = open(run_dir / runfiles.TRAIN_LOG, "a", buffering=1)  # noqa: SIM115
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(run_dir / runfiles.TENSORBOARD))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.active:

@@ -22,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
+from dscl import runfiles
 from dscl.errors import ConfigError, RunFolderError
 from dscl.study.results import aggregate, results_markdown, write_results
 from dscl.study.runner import (
@@ -200,7 +201,10 @@ def run_study(
 def _collect_finished(study: Study, states: dict[str, str], stream) -> None:
     """Copy every finished cell that has no committed results yet into the results folder."""
     for cell in study.cells:
-        if states[cell.name] != FINISHED or (committed_dir(study, cell) / "metrics.json").exists():
+        if (
+            states[cell.name] != FINISHED
+            or (committed_dir(study, cell) / runfiles.METRICS).exists()
+        ):
             continue
         if collect_cell(study, cell) is not None:
             print(

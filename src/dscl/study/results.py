@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dscl import runfiles
 from dscl.checkpoint import atomic_write
 from dscl.study.runner import (
     FINISHED,
@@ -32,7 +33,7 @@ MAX_NAMED_CLASSES = 30  # the per-class panel names each class up to this many
 
 
 def _read_metrics(study: Study, cell: Cell) -> dict:
-    path = finished_dir(study, cell) / "metrics.json"
+    path = finished_dir(study, cell) / runfiles.METRICS
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -163,7 +164,7 @@ def _class_names(study: Study, cells: list[Cell]) -> list[str] | None:
     """The class names a finished cell's ``data_summary.json`` gives (None without one)."""
     for cell in cells:
         try:
-            summary = json.loads((finished_dir(study, cell) / "data_summary.json").read_text())
+            summary = json.loads((finished_dir(study, cell) / runfiles.DATA_SUMMARY).read_text())
         except (OSError, ValueError):
             continue
         names = summary.get("class_names") if isinstance(summary, dict) else None

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from dscl import runfiles
 from dscl.checkpoint import atomic_write, git_commit
 from dscl.config import ABSENT, STUDY_IGNORED_KEYS, config_to_dict, first_difference
 from dscl.cpuinfo import cpu_model
@@ -43,7 +44,13 @@ CELL_NAME = "cell.json"
 CLAIMS = "claims"
 LOG_TAIL_LINES = 25
 # A finished cell's small files, the ones copied into the results folder (never checkpoints).
-RESULT_FILES = ("metrics.json", "config.yaml", "data_summary.json", CELL_NAME, "train_log.jsonl")
+RESULT_FILES = (
+    runfiles.METRICS,
+    runfiles.CONFIG,
+    runfiles.DATA_SUMMARY,
+    CELL_NAME,
+    runfiles.TRAIN_LOG,
+)
 FRESH, STARTED, INTERRUPTED, FINISHED = "fresh", "started", "interrupted", "finished"
 
 
@@ -61,7 +68,7 @@ def finished_dir(study: Study, cell: Cell) -> Path:
     """The folder a finished cell's results are read from: the committed copy if there is one,
     else its run folder."""
     committed = committed_dir(study, cell)
-    return committed if (committed / "metrics.json").is_file() else cell_dir(study, cell)
+    return committed if (committed / runfiles.METRICS).is_file() else cell_dir(study, cell)
 
 
 def cell_command(study: Study, cell: Cell, run_dir: Path | None = None) -> list[str]:
@@ -93,14 +100,14 @@ def _read_json(path: Path) -> dict | None:
 
 def _saved_config(run_dir: Path) -> dict | None:
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        data = yaml.safe_load((run_dir / runfiles.CONFIG).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
 
 
 def _is_finished(folder: Path) -> bool:
-    metrics = _read_json(folder / "metrics.json")
+    metrics = _read_json(folder / runfiles.METRICS)
     return metrics is not None and metrics.get("split", "test") == "test"
 
 
@@ -122,7 +129,7 @@ def cell_state(study: Study, cell: Cell) -> str:
             deleted by the study.
     """
     committed = committed_dir(study, cell)
-    if (committed / "metrics.json").is_file():
+    if (committed / runfiles.METRICS).is_file():
         saved = _saved_config(committed)
         if saved is None or not _is_finished(committed):
             raise ConfigError(
@@ -143,7 +150,7 @@ def cell_state(study: Study, cell: Cell) -> str:
     if not run_dir.exists():
         return FRESH
     finished = _is_finished(run_dir)
-    interrupted = (run_dir / "pretrain.pt").is_file()
+    interrupted = (run_dir / runfiles.PRETRAIN).is_file()
     saved = _saved_config(run_dir) if finished or interrupted else None
     if saved is None:
         return INTERRUPTED if interrupted else STARTED
@@ -175,7 +182,7 @@ def collect_cell(study: Study, cell: Cell) -> Path | None:
     if not _is_finished(source):
         return None
     target = committed_dir(study, cell)
-    names = [name for name in RESULT_FILES if name != "metrics.json"] + ["metrics.json"]
+    names = [name for name in RESULT_FILES if name != runfiles.METRICS] + [runfiles.METRICS]
     for name in names:
         path = source / name
         if path.is_file():
@@ -290,7 +297,7 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     """
     run_dir = cell_dir(study, cell)
     cmd = cell_command(study, cell, run_dir)
-    resumed = (run_dir / "pretrain.pt").is_file()  # an interrupted cell: it continues
+    resumed = (run_dir / runfiles.PRETRAIN).is_file()  # an interrupted cell: it continues
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CELL_NAME).unlink(missing_ok=True)
     log_path = run_dir / LOG_NAME
