@@ -34,7 +34,7 @@ import torch
 
 from dscl.config import RunConfig
 from dscl.data.synthetic import make_synthetic
-from dscl.data.views import BatchedMultiView, ViewConfig
+from dscl.data.views import BatchedMultiView, ViewConfig, ViewRequest
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
 from dscl.engine.loop import Optimization, StepTimes, run_epoch
@@ -75,7 +75,8 @@ def build(setting: str, args, device: torch.device):
         balanced=False,
         seed=0,
         device=device,
-        patches=method.uses_patches and not args.all_patches,  # as `dscl pretrain` builds it
+        # as `dscl pretrain` builds it; --all-patches: patch pixels whether the method reads them
+        request=ViewRequest() if args.all_patches else method.view_request(),
     )
     fmt = torch.channels_last if not args.no_channels_last else torch.contiguous_format
     method.model.to(device, memory_format=fmt)

@@ -214,8 +214,9 @@ def test_without_patch_pixels_the_views_and_the_generator_are_unchanged():
     with_patches, without = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(2):  # two batches in a row
         a = V.BatchedMultiView(cfg)(images, generator=with_patches)
-        b = V.BatchedMultiView(cfg)(images, generator=without, with_patches=False)
-        assert "patches" in a and "patches" not in b
-        for key in ("query", "key", "boxes", "patch_flips"):
+        request = V.ViewRequest(("query", "key"))
+        b = V.BatchedMultiView(cfg, request)(images, generator=without)
+        assert "patches" in a and "patches" not in b and "boxes" not in b
+        for key in ("query", "key"):
             assert torch.equal(a[key], b[key]), key
     assert torch.equal(with_patches.get_state(), without.get_state())

@@ -30,11 +30,13 @@ from dscl.data.fileviews import (
     _boxes,
     _rand_boxes,
     _rand_flips,
-    batch_colors,
+    draw_named_one,
     draw_views,
+    finish_crops,
+    named_tensors,
     to_planes,
 )
-from dscl.data.views import ViewConfig, finish_views
+from dscl.data.views import ALL_VIEWS, ViewConfig, ViewRequest
 
 
 class JpegBytes(Dataset):
@@ -58,8 +60,13 @@ class JpegBytes(Dataset):
         g = torch.Generator().manual_seed(seed)
         out = {"jpeg": torch.frombuffer(data, dtype=torch.uint8), "path": path}
         if crops.kind == VIEWS:
-            draws = draw_views(header.height, header.width, crops.cfg, g)
-            out["draws"] = draws
+            request, cfg = crops.request, crops.cfg
+            if request.standard:
+                out["draws"] = draw_views(header.height, header.width, cfg, g)
+            out["named"] = {
+                name: draw_named_one(spec, header.height, header.width, cfg.color_augment, g)
+                for name, spec in request.extra
+            }
         else:
             u = _rand_boxes(g, 1).tolist()
             aspects = _aspects([(u, CROP_RATIO)])[0]
@@ -78,8 +85,10 @@ class DeviceDecoder:
     """The main process's part: decode a batch of ``JpegBytes`` items on ``device`` and make the
     model inputs there (the dict of ``fileviews.finish_batch``)."""
 
-    def __init__(self, kind: str, cfg: ViewConfig, device: torch.device) -> None:
-        self.kind, self.cfg, self.device = kind, cfg, device
+    def __init__(
+        self, kind: str, cfg: ViewConfig, device: torch.device, request: ViewRequest = ALL_VIEWS
+    ) -> None:
+        self.kind, self.cfg, self.device, self.request = kind, cfg, device, request
 
     def decode(self, items: list[dict]) -> list[Tensor | None]:
         """(3, H, W) uint8 on the device for every JPEG item (None for the others)."""
@@ -119,42 +128,58 @@ class DeviceDecoder:
                         crop_resize(image, torch.tensor(item["box"]), cfg.view_size, item["flip"])
                     )
             return {"image": normalise(torch.stack(views), cfg.mean, cfg.std)}
-        queries, keys, patches, params = [], [], [], []
-        for item, image in zip(items, images, strict=True):
-            if image is None:  # cropped in the worker
-                crops = {k: v.to(self.device) for k, v in item["crops"].items()}
-                queries.append(to_planes(crops["query"]))
-                keys.append(to_planes(crops["key"]))
-                patches.append(to_planes(crops["patches"]))
-                params.append(
-                    {k: crops[k] for k in ("boxes", "patch_flips", "color") if k in crops}
-                )
-                continue
+        made = [
+            self._worker_crops(item["crops"]) if image is None else self._crops(item, image)
+            for item, image in zip(items, images, strict=True)
+        ]
+        return finish_crops(default_collate(made), cfg, self.request)
+
+    def _worker_crops(self, crops: dict) -> dict:
+        """A worker's ``view_crops`` of one image, on the device, its crops as float planes."""
+
+        def move(value):
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            value = value.to(self.device)
+            return value if value.is_floating_point() else to_planes(value)
+
+        out = {k: move(v) for k, v in crops.items() if k not in ("boxes", "patch_flips", "color")}
+        for k in ("boxes", "patch_flips", "color"):
+            if k in crops:
+                out[k] = crops[k].to(self.device)
+        return out
+
+    def _crops(self, item: dict, image: Tensor) -> dict:
+        """The request's crops of one image decoded on the device, as float (3, S, S) planes,
+        with their parameters."""
+        cfg, request, out = self.cfg, self.request, {}
+        if request.standard:
             draws = item["draws"]
             query = crop_resize(
                 image, torch.tensor(draws.query_box), cfg.view_size, draws.query_flip
             )
             tensors = {k: v.to(self.device) for k, v in draws.tensors().items()}
-            patches.append(
-                resample_boxes(
+            if "query" in request.standard:
+                out["query"] = query
+            if request.key:
+                out["key"] = crop_resize(
+                    image, torch.tensor(draws.key_box), cfg.view_size, draws.key_flip
+                )
+            if request.patches:
+                out["patches"] = resample_boxes(
                     query[None], tensors["boxes"][None], tensors["patch_flips"][None], cfg.patch_px
                 )[0]
-            )
-            queries.append(query)
-            keys.append(
-                crop_resize(image, torch.tensor(draws.key_box), cfg.view_size, draws.key_flip)
-            )
-            params.append(tensors)
-        stacked = default_collate(params)
-        colors = (None, None, None)
-        if "color" in stacked:
-            colors = batch_colors(stacked["color"], cfg.num_patches)
-        return finish_views(
-            torch.stack(queries),
-            torch.stack(keys),
-            torch.stack(patches),
-            stacked["boxes"],
-            stacked["patch_flips"],
-            colors,
-            cfg,
-        )
+            else:
+                del tensors["boxes"], tensors["patch_flips"]
+            out.update(tensors)
+        if request.extra:
+            named = {}
+            for name, spec in request.extra:
+                draw = item["named"][name]
+                crop = crop_resize(
+                    image, torch.tensor(draw["box"]), spec.side(cfg.view_size), draw["flip"]
+                )
+                extra = {k: v.to(self.device) for k, v in named_tensors(draw).items()}
+                named[name] = {"crop": crop, **extra}
+            out["named"] = named
+        return out

@@ -34,7 +34,17 @@ from dscl.data.color_ops import ColorParams, color_params
 from dscl.data.crop_ops import CROP_ATTEMPTS, CROP_RATIO, P_FLIP, normalise
 from dscl.data.decode import decode_rgb
 from dscl.data.imagesets import ImageFileDataset
-from dscl.data.views import P_BLUR, P_GRAY, P_JITTER, QUERY_HUE, ViewConfig, finish_views
+from dscl.data.named_views import SEED_LIMIT, ViewSpec, finish_named
+from dscl.data.views import (
+    ALL_VIEWS,
+    P_BLUR,
+    P_GRAY,
+    P_JITTER,
+    QUERY_HUE,
+    ViewConfig,
+    ViewRequest,
+    finish_views,
+)
 
 VIEWS, CLASSIFY = "views", "classify"  # the feed kinds (dscl.methods.base), without importing it
 COLOR_COLUMNS = 12  # draw_color's uniforms: u (8) then v (4)
@@ -206,28 +216,73 @@ def draw_views(height: int, width: int, cfg: ViewConfig, g: torch.Generator) -> 
     )
 
 
-def view_crops(image: Tensor, cfg: ViewConfig, g: torch.Generator) -> dict[str, Tensor]:
+def draw_named_one(
+    spec: ViewSpec, height: int, width: int, color_augment: bool, g: torch.Generator
+) -> dict:
+    """The parameters of one image's named view ``spec``, in the order and with the formulas of
+    ``named_views.draw_named(spec, 1, ...)``: ``box`` (4 ints), ``flip``, and where drawn
+    ``color`` (1, 12) uniforms and ``seed`` (1,) int64 (RandAugment)."""
+    u = _rand_boxes(g, 1)
+    out: dict = {"box": boxes_from_uniforms(u, height, width, spec.crop_scale, spec.crop_ratio)[0]}
+    out["flip"] = _rand_flips(g, 1)[0]
+    if color_augment:
+        out["color"] = _rand_color(g, 1)
+    if spec.randaugment is not None:
+        out["seed"] = torch.randint(0, SEED_LIMIT, (1,), generator=g)
+    return out
+
+
+def named_tensors(draw: dict) -> dict[str, Tensor]:
+    """What a batch carries of a named view's parameters: colour uniforms (12,), seed ()."""
+    out = {}
+    if "color" in draw:
+        out["color"] = draw["color"][0]
+    if "seed" in draw:
+        out["seed"] = draw["seed"][0]
+    return out
+
+
+def view_crops(
+    image: Tensor, cfg: ViewConfig, g: torch.Generator, request: ViewRequest = ALL_VIEWS
+) -> dict[str, Tensor]:
     """The stage-1 crops of one decoded (H, W, 3) uint8 image: the workers' part of the fast path.
 
     Returns:
-        ``query``/``key`` (S, S, 3) uint8, ``patches`` (L, P, P, 3) uint8, ``boxes`` (L, 4)
-        float32 in query-view pixels, ``patch_flips`` (L,) bool, and with colour ``color``
-        (2 + L, 12) float32: the uniforms of the query, the L patches and the key (``draw_views``).
+        What ``request`` names: ``query``/``key`` (S, S, 3) uint8, ``patches`` (L, P, P, 3) uint8
+        with ``boxes`` (L, 4) float32 in query-view pixels and ``patch_flips`` (L,) bool; with
+        colour ``color`` (2 + L, 12) float32: the uniforms of the query, the L patches and the
+        key (``draw_views``); and ``named``: for each of the request's own views its crop
+        (S', S', 3) uint8 under ``crop`` and its colour uniforms and RandAugment seed.
     """
     # L patches, S view size, P patch size
-    draws = draw_views(image.shape[0], image.shape[1], cfg, g)
-    size, patch = cfg.view_size, cfg.patch_px
-    query = crop_u8(image, draws.query_box, size, draws.query_flip)  # (S, S, 3)
-    crops = [
-        crop_u8(query, box, patch, flip)
-        for box, flip in zip(draws.patch_boxes, draws.patch_flips, strict=True)
-    ]
-    return {
-        "query": query,
-        "key": crop_u8(image, draws.key_box, size, draws.key_flip),
-        "patches": torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3),
-        **draws.tensors(),
-    }
+    height, width = image.shape[0], image.shape[1]
+    out: dict = {}
+    if request.standard:
+        draws = draw_views(height, width, cfg, g)
+        size, patch = cfg.view_size, cfg.patch_px
+        query = crop_u8(image, draws.query_box, size, draws.query_flip)  # (S, S, 3)
+        if "query" in request.standard:
+            out["query"] = query
+        if request.key:
+            out["key"] = crop_u8(image, draws.key_box, size, draws.key_flip)
+        tensors = draws.tensors()
+        if request.patches:
+            crops = [
+                crop_u8(query, box, patch, flip)
+                for box, flip in zip(draws.patch_boxes, draws.patch_flips, strict=True)
+            ]
+            out["patches"] = torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3)
+        else:
+            del tensors["boxes"], tensors["patch_flips"]
+        out.update(tensors)
+    if request.extra:
+        named = {}
+        for name, spec in request.extra:
+            draw = draw_named_one(spec, height, width, cfg.color_augment, g)
+            crop = crop_u8(image, draw["box"], spec.side(cfg.view_size), draw["flip"])
+            named[name] = {"crop": crop, **named_tensors(draw)}
+        out["named"] = named
+    return out
 
 
 def classifier_crop(
@@ -248,6 +303,7 @@ class FileCrops(Dataset):
         kind: ``"views"`` (stage 1: ``view_crops``) or ``"classify"`` (stage 2).
         cfg: view settings.
         draft_side: 0, or decode JPEGs at a reduced DCT scale (``decode.decode_rgb``).
+        request: the stage-1 views to make (``views.ViewRequest``).
 
     Each item's parameters come from a generator seeded with its ``seed``, which draws the same
     numbers as torch's global RNG seeded with it (the per-sample path's ``PositionSeeded``), so a
@@ -256,12 +312,17 @@ class FileCrops(Dataset):
     """
 
     def __init__(
-        self, dataset: ImageFileDataset, kind: str, cfg: ViewConfig, draft_side: int = 0
+        self,
+        dataset: ImageFileDataset,
+        kind: str,
+        cfg: ViewConfig,
+        draft_side: int = 0,
+        request: ViewRequest = ALL_VIEWS,
     ) -> None:
         if kind not in (VIEWS, CLASSIFY):
             raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
         self.paths, self.targets = dataset.paths, dataset.targets
-        self.kind, self.cfg, self.draft_side = kind, cfg, draft_side
+        self.kind, self.cfg, self.draft_side, self.request = kind, cfg, draft_side, request
         self.scale = _classifier_scale(cfg.view_size, None)
 
     def __len__(self) -> int:
@@ -272,7 +333,7 @@ class FileCrops(Dataset):
         g = torch.Generator().manual_seed(seed)
         image = decode_rgb(self.paths[index], self.draft_side).permute(1, 2, 0)  # (H, W, 3)
         if self.kind == VIEWS:
-            return view_crops(image, self.cfg, g), self.targets[index]
+            return view_crops(image, self.cfg, g, self.request), self.targets[index]
         return classifier_crop(image, self.cfg.view_size, self.scale, g), self.targets[index]
 
 
@@ -292,22 +353,56 @@ def batch_colors(color: Tensor, num_patches: int) -> tuple[ColorParams, ColorPar
     )
 
 
-def finish_batch(sample, kind: str, cfg: ViewConfig, device: torch.device) -> dict[str, Tensor]:
+def finish_batch(
+    sample, kind: str, cfg: ViewConfig, device: torch.device, request: ViewRequest = ALL_VIEWS
+) -> dict[str, Tensor]:
     """The main process's part: a collated batch of ``FileCrops`` items → model inputs on
     ``device`` (colour ops and normalisation on the whole batch there)."""
     if kind == CLASSIFY:
         image = to_planes(sample.to(device, non_blocking=True))  # (B, 3, S, S)
         return {"image": normalise(image, cfg.mean, cfg.std)}
-    moved = {k: v.to(device, non_blocking=True) for k, v in sample.items()}
-    colors = (None, None, None)
-    if "color" in moved:
-        colors = batch_colors(moved["color"], cfg.num_patches)
-    return finish_views(
-        to_planes(moved["query"]),
-        to_planes(moved["key"]),
-        to_planes(moved["patches"]),
-        moved["boxes"],
-        moved["patch_flips"],
-        colors,
-        cfg,
-    )
+    moved = _to(sample, device)
+    return finish_crops(moved, cfg, request)
+
+
+def _to(sample, device: torch.device):
+    if isinstance(sample, dict):
+        return {k: _to(v, device) for k, v in sample.items()}
+    return sample.to(device, non_blocking=True)
+
+
+def finish_crops(moved: dict, cfg: ViewConfig, request: ViewRequest) -> dict[str, Tensor]:
+    """Model inputs from a batch of stage-1 crops on the device: the uint8 crops (B, S, S, 3)
+    of ``view_crops`` (or float (B, 3, S, S) in [0, 1] ones), their parameters and ``named``."""
+    out: dict[str, Tensor] = {}
+
+    def planes(x: Tensor | None) -> Tensor | None:
+        if x is None or x.is_floating_point():
+            return x
+        return to_planes(x)
+
+    if request.standard:
+        colors = (None, None, None)
+        if "color" in moved:
+            colors = batch_colors(moved["color"], cfg.num_patches)
+        out = finish_views(
+            planes(moved.get("query")),
+            planes(moved.get("key")),
+            planes(moved.get("patches")),
+            moved.get("boxes"),
+            moved.get("patch_flips"),
+            colors,
+            cfg,
+        )
+    for name, spec in request.extra:
+        named = moved["named"][name]
+        out[name] = finish_named(
+            planes(named["crop"]),
+            spec,
+            named.get("color"),
+            named.get("seed"),
+            cfg.blur_min_size,
+            cfg.mean,
+            cfg.std,
+        )
+    return out

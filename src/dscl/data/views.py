@@ -55,6 +55,7 @@ from dscl.data.crop_ops import (
     normalise,
     resample_boxes,
 )
+from dscl.data.named_views import NamedParams, ViewSpec, check_names, draw_named, finish_named
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -64,6 +65,7 @@ __all__ = [
     "EvalTransform",
     "MultiViewTransform",
     "ViewConfig",
+    "ViewRequest",
     "batched_classifier_train",
     "batched_eval",
     "classifier_train_transform",
@@ -128,6 +130,59 @@ class ViewConfig:
         if self.patch_size is not None:
             return self.patch_size
         return max(1, round(self.view_size * 64 / 224))
+
+
+STANDARD_VIEWS = ("query", "key", "patches")  # the feed's own stage-1 views
+# names a method's own views cannot take: the standard views and what travels with them
+RESERVED_NAMES = (*STANDARD_VIEWS, "boxes", "patch_flips", "color", "image")
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    """The stage-1 inputs a method's batches need, which the feed makes and nothing else.
+
+    Attributes:
+        standard: which of the standard views the method reads (``query``, ``key``,
+            ``patches``; with patches come their ``boxes`` and ``patch_flips``). While any is
+            named, the parameters of all three are drawn, so the views made and the generator's
+            state do not depend on which are read; with none named, none are drawn.
+        extra: ``(name, ViewSpec)`` pairs of the method's own views (``dscl.data.named_views``),
+            drawn after the standard ones in this order.
+    """
+
+    standard: tuple[str, ...] = STANDARD_VIEWS
+    extra: tuple[tuple[str, ViewSpec], ...] = ()
+
+    def __post_init__(self) -> None:
+        standard = tuple(self.standard)
+        unknown = [name for name in standard if name not in STANDARD_VIEWS]
+        if unknown:
+            raise ValueError(f"standard views {unknown} are not among {', '.join(STANDARD_VIEWS)}")
+        extra = tuple((name, spec) for name, spec in dict(self.extra).items())
+        check_names(dict(extra), RESERVED_NAMES)
+        object.__setattr__(self, "standard", standard)
+        object.__setattr__(self, "extra", extra)
+
+    @classmethod
+    def make(cls, standard=STANDARD_VIEWS, extra=None) -> ViewRequest:
+        """A request from the standard names and a ``{name: ViewSpec}`` mapping."""
+        return cls(tuple(standard), tuple((extra or {}).items()))
+
+    @property
+    def patches(self) -> bool:
+        return "patches" in self.standard
+
+    @property
+    def query(self) -> bool:
+        """Whether the query view's pixels are made (the patches are cut from it)."""
+        return "query" in self.standard or self.patches
+
+    @property
+    def key(self) -> bool:
+        return "key" in self.standard
+
+
+ALL_VIEWS = ViewRequest()
 
 
 # ---------------------------------------------------------------- parameter drawing (both paths)
@@ -206,7 +261,11 @@ def draw_view_params(
 
 
 def _finish(
-    query: Tensor, key: Tensor, patches: Tensor | None, params: ViewParams, cfg: ViewConfig
+    query: Tensor | None,
+    key: Tensor | None,
+    patches: Tensor | None,
+    params: ViewParams,
+    cfg: ViewConfig,
 ) -> dict[str, Tensor]:
     """Colour + normalisation shared by both paths; views (N, 3, S, S), patches (N, L, 3, P, P)."""
     colors = (params.query_color, params.patch_color, params.key_color)
@@ -214,8 +273,8 @@ def _finish(
 
 
 def finish_views(
-    query: Tensor,
-    key: Tensor,
+    query: Tensor | None,
+    key: Tensor | None,
     patches: Tensor | None,
     boxes: Tensor,
     patch_flips: Tensor,
@@ -225,10 +284,11 @@ def finish_views(
     """Colour + normalisation of cropped views: every path's last step (the fast file path too).
 
     Args:
-        query, key: (N, 3, S, S) float in [0, 1], cropped, resized and flipped.
+        query, key: (N, 3, S, S) float in [0, 1], cropped, resized and flipped, or None (a view
+            the method does not read; the result then has no such entry).
         patches: (N, L, 3, P, P) float in [0, 1], or None (no patch pixels: a method without
-            PBSD); the result then has no ``patches``.
-        boxes, patch_flips: (N, L, 4) and (N, L), passed through.
+            PBSD); the result then has no ``patches``, ``boxes`` or ``patch_flips``.
+        boxes, patch_flips: (N, L, 4) and (N, L), passed through with the patches.
         colors: colour parameters of the N queries, N·L patches and N keys (None: no colour).
         cfg: view settings (blur sizes, mean, std).
 
@@ -236,25 +296,41 @@ def finish_views(
         The dict of ``BatchedMultiView``.
     """
     query_color, patch_color, key_color = colors
-    if query_color is not None:
-        query = apply_color(query, query_color, blur_kernel_size(cfg.view_size, cfg.blur_min_size))
-        key = apply_color(key, key_color, 0)
-        if patches is not None:
+    out = {}
+    if query is not None:
+        if query_color is not None:
+            kernel = blur_kernel_size(cfg.view_size, cfg.blur_min_size)
+            query = apply_color(query, query_color, kernel)
+        out["query"] = normalise(query, cfg.mean, cfg.std)
+    if key is not None:
+        if key_color is not None:
+            key = apply_color(key, key_color, 0)
+        out["key"] = normalise(key, cfg.mean, cfg.std)
+    if patches is not None:
+        if patch_color is not None:
             flat = apply_color(
                 patches.flatten(0, 1),
                 patch_color,
                 blur_kernel_size(cfg.patch_px, cfg.blur_min_size),
             )  # (N·L, 3, P, P)
             patches = flat.view_as(patches)
-    out = {
-        "query": normalise(query, cfg.mean, cfg.std),
-        "key": normalise(key, cfg.mean, cfg.std),
-        "boxes": boxes,
-        "patch_flips": patch_flips,
-    }
-    if patches is not None:
+        out["boxes"], out["patch_flips"] = boxes, patch_flips
         out["patches"] = normalise(patches, cfg.mean, cfg.std)
     return out
+
+
+def _check_cfg(cfg: ViewConfig | None) -> ViewConfig:
+    cfg = cfg if cfg is not None else ViewConfig()
+    if not isinstance(cfg, ViewConfig):
+        raise ValueError(f"cfg must be a ViewConfig, got {type(cfg).__name__}")
+    return cfg
+
+
+def _check_request(request: ViewRequest | None) -> ViewRequest:
+    request = request if request is not None else ALL_VIEWS
+    if not isinstance(request, ViewRequest):
+        raise ValueError(f"request must be a ViewRequest, got {type(request).__name__}")
+    return request
 
 
 # ---------------------------------------------------------------- stage-1 views
@@ -265,35 +341,57 @@ class MultiViewTransform:
 
     Args:
         cfg: view settings (defaults: 224 px views, five 64 px patches).
+        request: which views to make (default: the query, the key and the patches).
 
     Call with ``img`` (a PIL image, or a (3, H, W) uint8 / [0, 1] float tensor) and an optional
     ``generator`` (default: torch's global RNG). Returns a dict of ``query`` (3, S, S) and ``key``
     (3, S, S) normalised views x_q and x_k, ``patches`` (L, 3, P, P), ``boxes`` (L, 4) float32
-    (x1, y1, x2, y2) of each patch in x_q's pixels (see the module docstring), and ``patch_flips``
-    (L,) bool (whether patch j was flipped after cropping).
+    (x1, y1, x2, y2) of each patch in x_q's pixels (see the module docstring), ``patch_flips``
+    (L,) bool (whether patch j was flipped after cropping), and each of the request's own views
+    under its name; only what the request names.
     """
 
-    def __init__(self, cfg: ViewConfig | None = None) -> None:
-        self.cfg = cfg if cfg is not None else ViewConfig()
-        if not isinstance(self.cfg, ViewConfig):
-            raise ValueError(f"cfg must be a ViewConfig, got {type(cfg).__name__}")
+    def __init__(self, cfg: ViewConfig | None = None, request: ViewRequest | None = None) -> None:
+        self.cfg = _check_cfg(cfg)
+        self.request = _check_request(request)
 
     def __call__(
         self, img: Image.Image | Tensor, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
         # L patches, S view size, P patch size
-        cfg, size, patch = self.cfg, self.cfg.view_size, self.cfg.patch_px
+        cfg, size, patch, request = self.cfg, self.cfg.view_size, self.cfg.patch_px, self.request
         image = image_tensor(img)  # (3, H, W)
-        params = draw_view_params(cfg, 1, image.shape[1], image.shape[2], generator)
-        params = _to_device(params, image.device)
-        query = crop_resize(image, params.query_boxes[0], size, bool(params.query_flips[0]))
-        patches = [
-            crop_resize(query, box, patch, bool(flip))
-            for box, flip in zip(params.patch_boxes[0], params.patch_flips[0], strict=True)
-        ]
-        stacked = torch.stack(patches) if patches else query.new_zeros(0, 3, patch, patch)
-        key = crop_resize(image, params.key_boxes[0], size, bool(params.key_flips[0]))
-        out = _finish(query[None], key[None], stacked[None], params, cfg)  # batch of one
+        height, width = image.shape[1], image.shape[2]
+        out: dict[str, Tensor] = {}
+        if request.standard:
+            params = draw_view_params(cfg, 1, height, width, generator)
+            params = _to_device(params, image.device)
+            query = key = stacked = None
+            if request.query:
+                query = crop_resize(image, params.query_boxes[0], size, bool(params.query_flips[0]))
+            if request.patches:
+                patches = [
+                    crop_resize(query, box, patch, bool(flip))
+                    for box, flip in zip(params.patch_boxes[0], params.patch_flips[0], strict=True)
+                ]
+                stacked = torch.stack(patches) if patches else query.new_zeros(0, 3, patch, patch)
+                stacked = stacked[None]
+            if request.key:
+                key = crop_resize(image, params.key_boxes[0], size, bool(params.key_flips[0]))
+            out = _finish(  # a batch of one
+                query[None] if "query" in request.standard else None,
+                key[None] if key is not None else None,
+                stacked,
+                params,
+                cfg,
+            )
+        for name, spec in request.extra:
+            named = draw_named(spec, 1, height, width, cfg.color_augment, generator)
+            named = named.to(image.device)
+            crop = crop_resize(image, named.boxes[0], spec.side(size), bool(named.flips[0]))
+            out[name] = finish_named(
+                crop[None], spec, named.color, named.seeds, cfg.blur_min_size, cfg.mean, cfg.std
+            )
         return {name: value[0] for name, value in out.items()}
 
 
@@ -302,41 +400,62 @@ class BatchedMultiView:
 
     Args:
         cfg: view settings.
+        request: which views to make (default: the query, the key and the patches).
 
     Call with ``images`` (B, 3, H, W) uint8 (or float in [0, 1]) and an optional ``generator``
     (parameters are drawn on its device; default torch's global CPU RNG). Returns the dict of
     ``MultiViewTransform`` with a leading batch dim: ``query``/``key`` (B, 3, S, S), ``patches``
-    (B, L, 3, P, P), ``boxes`` (B, L, 4), ``patch_flips`` (B, L).
+    (B, L, 3, P, P), ``boxes`` (B, L, 4), ``patch_flips`` (B, L), and the request's own views.
+    Every random parameter of the standard views is drawn whichever of them the request names,
+    so the query and key and the generator's state are those of a request for all three.
     """
 
-    def __init__(self, cfg: ViewConfig | None = None) -> None:
-        self.cfg = cfg if cfg is not None else ViewConfig()
-        if not isinstance(self.cfg, ViewConfig):
-            raise ValueError(f"cfg must be a ViewConfig, got {type(cfg).__name__}")
+    def __init__(self, cfg: ViewConfig | None = None, request: ViewRequest | None = None) -> None:
+        self.cfg = _check_cfg(cfg)
+        self.request = _check_request(request)
 
     def __call__(
-        self,
-        images: Tensor,
-        generator: torch.Generator | None = None,
-        with_patches: bool = True,
+        self, images: Tensor, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
-        """With ``with_patches=False`` no patch pixels are made (no ``patches`` in the result),
-        but every random parameter is drawn as with them, so query, key and the generator's
-        state are exactly those of a call with patches."""
         # B batch, L patches, S view size, P patch size
-        cfg = self.cfg
+        cfg, request = self.cfg, self.request
         x = check_batch(images)  # (B, 3, H, W) in [0, 1]
-        params = draw_view_params(cfg, x.shape[0], x.shape[2], x.shape[3], generator)
-        params = _to_device(params, x.device)
-        query = resample_boxes(
-            x, params.query_boxes[:, None], params.query_flips[:, None], cfg.view_size
-        )[:, 0]  # (B, 3, S, S)
-        patches = None
-        if with_patches:
-            patches = resample_boxes(
-                query, params.patch_boxes, params.patch_flips, cfg.patch_px
-            )  # (B, L, 3, P, P)
-        key = resample_boxes(
-            x, params.key_boxes[:, None], params.key_flips[:, None], cfg.view_size
-        )[:, 0]  # (B, 3, S, S)
-        return _finish(query, key, patches, params, cfg)
+        out: dict[str, Tensor] = {}
+        if request.standard:
+            params = draw_view_params(cfg, x.shape[0], x.shape[2], x.shape[3], generator)
+            params = _to_device(params, x.device)
+            query = patches = key = None
+            if request.query:
+                query = resample_boxes(
+                    x, params.query_boxes[:, None], params.query_flips[:, None], cfg.view_size
+                )[:, 0]  # (B, 3, S, S)
+            if request.patches:
+                patches = resample_boxes(
+                    query, params.patch_boxes, params.patch_flips, cfg.patch_px
+                )  # (B, L, 3, P, P)
+            if request.key:
+                key = resample_boxes(
+                    x, params.key_boxes[:, None], params.key_flips[:, None], cfg.view_size
+                )[:, 0]  # (B, 3, S, S)
+            query = query if "query" in request.standard else None
+            out = _finish(query, key, patches, params, cfg)
+        out.update(batched_named(x, request, cfg, generator))
+        return out
+
+
+def batched_named(
+    x: Tensor, request: ViewRequest, cfg: ViewConfig, generator: torch.Generator | None
+) -> dict[str, Tensor]:
+    """The request's own views of a batch (B, 3, H, W) in [0, 1], each (B, 3, S', S')."""
+    out = {}
+    for name, spec in request.extra:
+        params: NamedParams = draw_named(
+            spec, x.shape[0], x.shape[2], x.shape[3], cfg.color_augment, generator
+        ).to(x.device)
+        crops = resample_boxes(
+            x, params.boxes[:, None], params.flips[:, None], spec.side(cfg.view_size)
+        )[:, 0]
+        out[name] = finish_named(
+            crops, spec, params.color, params.seeds, cfg.blur_min_size, cfg.mean, cfg.std
+        )
+    return out

@@ -27,9 +27,11 @@ from dscl.data.fileviews import FileCrops, finish_batch
 from dscl.data.imagesets import ImageFileDataset
 from dscl.data.samplers import ClassBalancedSampler
 from dscl.data.views import (
+    ALL_VIEWS,
     BatchedMultiView,
     MultiViewTransform,
     ViewConfig,
+    ViewRequest,
     batched_classifier_train,
     batched_eval,
     classifier_train_transform,
@@ -47,7 +49,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 @dataclass
 class Batch:
-    inputs: dict[str, torch.Tensor]  # "image" or "query"/"key"/"patches"/"boxes"
+    # "image" (classify), or what the method's ViewRequest names: "query", "key", "patches" with
+    # "boxes" and "patch_flips", and the method's own views by name
+    inputs: dict[str, torch.Tensor]
     labels: torch.Tensor  # (B,) int64
 
 
@@ -71,6 +75,8 @@ class TrainFeed:
         decode_on_device: (fast path, CUDA devices) the workers only read the JPEGs' bytes and
             the main process decodes a batch at a time on the device (nvJPEG); elsewhere the
             workers decode.
+        request: (kind ``"views"``) the views to make, as the method declares them
+            (:meth:`dscl.methods.Method.view_request`): exactly those on every path.
     """
 
     def __init__(
@@ -88,7 +94,7 @@ class TrainFeed:
         file_views: str = "fast",
         jpeg_draft: int = 0,
         decode_on_device: bool = False,
-        patches: bool = True,
+        request: ViewRequest = ALL_VIEWS,
     ) -> None:
         if kind not in (VIEWS, CLASSIFY):
             raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
@@ -99,8 +105,13 @@ class TrainFeed:
         # decoding on the device needs nvJPEG; on a CPU the workers decode (tests force it)
         self.device_decode = bool(decode_on_device) and device.type == "cuda"
         self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
-        # in-memory views: False skips the patch pixels (their parameters are still drawn)
-        self.patches = patches
+        if not isinstance(request, ViewRequest):
+            raise ValueError(f"request: must be a ViewRequest, got {type(request).__name__}")
+        if kind == CLASSIFY and request != ALL_VIEWS:
+            raise ValueError("request: only a 'views' feed makes a method's own views")
+        if kind == VIEWS and not request.standard and not request.extra:
+            raise ValueError("request: names no view at all")
+        self.request = request
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -117,7 +128,7 @@ class TrainFeed:
         if in_memory and hasattr(dataset, "tensor_images"):
             self.images = dataset.tensor_images().to(device)  # (N, 3, H, W) uint8
             self.labels_on_device = self.targets.to(device)
-            self.multiview = BatchedMultiView(view_cfg) if kind == VIEWS else None
+            self.multiview = BatchedMultiView(view_cfg, request) if kind == VIEWS else None
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for ``epoch``, ``steps_per_epoch * batch_size`` of them."""
@@ -175,7 +186,7 @@ class TrainFeed:
             images = self.images[batch_idx]  # (B, 3, H, W) uint8
             labels = self.labels_on_device[batch_idx]
             if self.kind == VIEWS:
-                inputs = self.multiview(images, generator=g, with_patches=self.patches)
+                inputs = self.multiview(images, generator=g)
             else:
                 inputs = {
                     "image": batched_classifier_train(
@@ -210,24 +221,24 @@ class TrainFeed:
 
     def _file_views(self, idx: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
         self.generator = None
-        crops = FileCrops(self.dataset, self.kind, self.view_cfg, self.jpeg_draft)
+        crops = FileCrops(self.dataset, self.kind, self.view_cfg, self.jpeg_draft, self.request)
         positions = self._positions(idx, epoch, start)
         seed = _epoch_seed(self.seed, epoch, self.rank)
         if self.device_decode:
-            decoder = DeviceDecoder(self.kind, self.view_cfg, self.device)
+            decoder = DeviceDecoder(self.kind, self.view_cfg, self.device, self.request)
             loader = self._loader(JpegBytes(crops), positions, seed, collate_items)
             for items, labels in _worker_errors(loader):
                 yield Batch(decoder(items), labels.to(self.device, non_blocking=True))
             return
         loader = self._loader(crops, positions, seed)
         for sample, labels in _worker_errors(loader):
-            inputs = finish_batch(sample, self.kind, self.view_cfg, self.device)
+            inputs = finish_batch(sample, self.kind, self.view_cfg, self.device, self.request)
             yield Batch(inputs, labels.to(self.device, non_blocking=True))
 
     def _per_sample(self, idx: torch.Tensor, epoch: int, start: int) -> Iterator[Batch]:
         cfg = self.view_cfg
         if self.kind == VIEWS:
-            self.dataset.transform = MultiViewTransform(cfg)
+            self.dataset.transform = MultiViewTransform(cfg, self.request)
         else:
             self.dataset.transform = classifier_train_transform(cfg.view_size, cfg.mean, cfg.std)
         self.generator = None

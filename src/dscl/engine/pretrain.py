@@ -15,6 +15,7 @@ import torch
 from dscl import dist, runfiles
 from dscl.checkpoint import git_commit
 from dscl.config import RunConfig, config_to_dict
+from dscl.data.views import ALL_VIEWS
 from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics
 from dscl.engine.feed import TrainFeed, eval_batches
@@ -40,10 +41,10 @@ class StageContext:
     stop: StopSignals | None = None  # stop requests (SIGTERM/SIGINT) while training
 
     def train_feed(
-        self, kind: str, batch_size: int, key: str, balanced: bool, seed: int, patches=True
+        self, kind: str, batch_size: int, key: str, balanced: bool, seed: int, request=None
     ):
-        """Training batches of ``kind`` for the global ``batch_size`` (setting ``key``);
-        ``patches=False``: a method that reads no patches (none are made in memory)."""
+        """Training batches of ``kind`` for the global ``batch_size`` (setting ``key``), with the
+        views of ``request`` (a ``ViewRequest``; None: the standard ones)."""
         d = self.cfg.data
         return TrainFeed(
             self.splits.train,
@@ -58,7 +59,7 @@ class StageContext:
             file_views=d.file_views,
             jpeg_draft=d.jpeg_draft,
             decode_on_device=d.decode_on_device,
-            patches=patches,
+            request=request if request is not None else ALL_VIEWS,
         )
 
     def eval_batches(self, dataset):
@@ -133,7 +134,12 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
         runtime.compile_for_training(method.compile_targets(), device)
         ctx.logger.info("compile=true: the first steps compile the encoders (a minute or more)")
     feed = ctx.train_feed(
-        method.feed_kind, p.batch_size, "pretrain.batch_size", False, cfg.seed, method.uses_patches
+        method.feed_kind,
+        p.batch_size,
+        "pretrain.batch_size",
+        False,
+        cfg.seed,
+        method.view_request(),
     )
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-VIEWS = "views"  # batches hold "query", "key", "patches", "boxes" (contrastive stage 1)
+VIEWS = "views"  # batches hold the views the method names (Method.views, Method.extra_views)
 CLASSIFY = "classify"  # batches hold one augmented "image" (cross-entropy, stage 2)
 
 
@@ -82,18 +82,34 @@ class Method:
     module whose state a checkpoint keeps) and implements :meth:`step`. The forward pass goes
     through :attr:`net`, which is :attr:`model` or, under several processes, its DDP wrapper.
 
+    With ``feed_kind`` VIEWS a method declares its views, and the feed makes exactly those:
+    :attr:`views`, the standard stage-1 views it reads (``query``, ``key``, ``patches``), and
+    :attr:`extra_views`, views of its own, ``{name: ViewSpec}`` each with its augmentation
+    (:mod:`dscl.data.named_views`), found under their names in ``batch.inputs``.
+
     Args:
         model: the modules this method trains and checkpoints.
     """
 
     feed_kind: str = CLASSIFY
-    # with feed_kind VIEWS: whether step() reads batch.inputs["patches"] (False: the in-memory
-    # feed makes no patch pixels, drawing their random parameters all the same)
-    uses_patches: bool = True
+    # with feed_kind VIEWS: the standard views step() reads; the feed makes no pixels of the
+    # others (it draws their random parameters all the same while any is read)
+    views: tuple[str, ...] = ("query", "key", "patches")
+    # with feed_kind VIEWS: the method's own views, {name: ViewSpec}, drawn after the standard ones
+    extra_views: dict[str, Any] = {}  # noqa: RUF012 (read only)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.net: nn.Module = model
+
+    def view_request(self):
+        """What the feed makes for this method's batches (:class:`dscl.data.views.ViewRequest`):
+        the standard views of :attr:`views` and the views of :attr:`extra_views`."""
+        from dscl.data.views import ALL_VIEWS, ViewRequest
+
+        if self.feed_kind != VIEWS:
+            return ALL_VIEWS
+        return ViewRequest.make(self.views, self.extra_views)
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
         """Route the forward pass through ``wrapper(model)`` (DistributedDataParallel)."""

@@ -75,7 +75,8 @@ class Contrastive(Method):
     ) -> None:
         super().__init__(model)
         self.contrast, self.pbsd = contrast, pbsd
-        self.uses_patches = pbsd is not None
+        if pbsd is None:  # the patches feed PBSD alone
+            self.views = ("query", "key")
         self.pbsd_weight, self.encoder_momentum = pbsd_weight, encoder_momentum
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # for the queue, after step
 
