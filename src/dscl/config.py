@@ -443,6 +443,13 @@ ADDED_KEYS = {
     "data.decode_on_device": False,
     "classifier.mode": "auto",  # auto is probe for every method that existed before it
     "model.zero_init_residual": False,
+    # BCL and PaCo trained on this project's query and key views before they had their own
+    "bcl.augment": "stage1",
+    "bcl.randaugment_ops": 2,
+    "bcl.randaugment_magnitude": 10,
+    "paco.augment": "stage1",
+    "paco.randaugment_ops": 2,
+    "paco.randaugment_magnitude": 10,
 }
 
 

@@ -30,7 +30,7 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
 
 @pytest.mark.parametrize("method", ["bcl", "paco"])
 def test_one_stage_methods_keep_their_classifier(tmp_path: Path, method: str, capsys):
-    run = _run(tmp_path, method, f"method={method}")
+    run = _run(tmp_path, method, f"method={method}")  # their own views (augment=authors)
     stage1 = load_checkpoint(run / "pretrain.pt")
     best = load_checkpoint(run / "best.pt")
     assert best["classifier_mode"] == "keep" and not (run / "last.pt").exists()
@@ -40,7 +40,7 @@ def test_one_stage_methods_keep_their_classifier(tmp_path: Path, method: str, ca
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and 0.0 <= metrics["top1"] <= 100.0
     saved = (run / "config.yaml").read_text()
-    assert f"\n{method}:\n" in saved and "mode: auto" in saved
+    assert f"\n{method}:\n" in saved and "mode: auto" in saved and "augment: authors" in saved
     # evaluation and export read the same classifier
     assert main(["evaluate", "--name", method, f"output_dir={tmp_path}", "threads=1"]) == 0
     again = json.loads((run / "metrics.json").read_text())
@@ -85,28 +85,38 @@ def _data() -> DataInfo:
     return DataInfo(num_classes=3, class_counts=COUNTS, image_size=16, patch_size=4, num_patches=2)
 
 
-def _batch(n: int = 6):
+def _batch(n: int = 6, names=("query", "key")):
     g = torch.Generator().manual_seed(0)
 
     class Batch:
-        inputs = {"query": torch.randn(n, 3, 16, 16, generator=g)}
+        inputs = {name: torch.randn(n, 3, 16, 16, generator=g) for name in names}
         labels = torch.tensor([0, 0, 1, 2, 0, 1][:n])
 
-    Batch.inputs["key"] = torch.randn(n, 3, 16, 16, generator=g)
     return Batch
 
 
-def test_bcl_step_is_its_loss_on_the_models_outputs():
-    cfg = build_config(None, ["method=bcl", "model.backbone=resnet32", "bcl.scl_weight=0.5"])
+@pytest.mark.parametrize("augment", ["stage1", "authors"])
+def test_bcl_step_is_its_loss_on_the_models_outputs(augment: str):
+    """stage1: logits of the query, contrast of query and key; authors: logits of the
+    RandAugment view, contrast of the two SimCLR views, all three through one forward."""
+    args = ["method=bcl", "model.backbone=resnet32", "bcl.scl_weight=0.5", f"bcl.augment={augment}"]
+    cfg = build_config(None, args)
     torch.manual_seed(0)
     method = build_method(cfg, _data())
     method.model.eval()  # batch norm from its running statistics: repeatable forwards
-    batch = _batch()
+    names = ["query", "key"] if augment == "stage1" else ["bcl_class", "bcl_view1", "bcl_view2"]
+    request = method.view_request()
+    if augment == "stage1":
+        assert request.standard == ("query", "key") and not request.extra
+    else:
+        assert request.standard == () and [n for n, _ in request.extra] == names
+        assert dict(request.extra)["bcl_class"].randaugment == (2, 10)
+    batch = _batch(names=names)
     out = method.step(batch)
     model = method.model
-    features = model.classifier.features(torch.cat([batch.inputs["query"], batch.inputs["key"]]))
+    features = model.classifier.features(torch.cat([batch.inputs[n] for n in names]))
     logits = model.classifier.fc(features[:6])
-    z = F.normalize(model.head(features), dim=1)
+    z = F.normalize(model.head(features[-12:]), dim=1)
     prototypes = F.normalize(model.prototype_head(model.classifier.fc.fc.weight), dim=1)
     expected = BCLLoss(COUNTS, 0.07, 1.0, 1.0, 0.5)(logits, z[:6], z[6:], batch.labels, prototypes)
     assert torch.allclose(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
@@ -115,18 +125,25 @@ def test_bcl_step_is_its_loss_on_the_models_outputs():
         build_method(cfg, 3)
 
 
-def test_paco_step_is_its_loss_and_fills_the_queue():
-    cfg = build_config(None, ["method=paco", "pretrain.queue_size=16", "paco.alpha=0.1"])
+@pytest.mark.parametrize("augment", ["stage1", "authors"])
+def test_paco_step_is_its_loss_and_fills_the_queue(augment: str):
+    args = ["method=paco", "pretrain.queue_size=16", "paco.alpha=0.1", f"paco.augment={augment}"]
+    cfg = build_config(None, args)
     torch.manual_seed(0)
     method = build_method(cfg, _data())
     method.start_training()
     method.model.eval()
-    batch = _batch()
+    names = ["query", "key"] if augment == "stage1" else ["paco_query", "paco_key"]
+    extra = dict(method.view_request().extra)
+    assert list(extra) == ([] if augment == "stage1" else names)
+    if extra:
+        assert extra["paco_query"].randaugment == (2, 10) and extra["paco_key"].randaugment is None
+    batch = _batch(names=names)
     out = method.step(batch)
     c = method.model.contrastive
-    pooled = c.query_encoder.feature_map(batch.inputs["query"]).mean(dim=(2, 3))
+    pooled = c.query_encoder.feature_map(batch.inputs[names[0]]).mean(dim=(2, 3))
     query = c.query_encoder.embed_pooled(pooled)
-    key = c.momentum_encoder(batch.inputs["key"])
+    key = c.momentum_encoder(batch.inputs[names[1]])
     logits = method.model.classifier.fc(pooled)
     loss = PaCoLoss(COUNTS, temperature=0.2, alpha=0.1, beta=1.0, gamma=1.0)
     queue = c.queue

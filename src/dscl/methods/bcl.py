@@ -6,9 +6,11 @@ class prototypes made from the classifier's weights; the loss is
 :class:`~dscl.losses.BCLLoss`). The classifier is the method's own: ``classifier.mode=auto``
 keeps it (stage 2 trains nothing), as the authors evaluate it.
 
-The two views are the feed's query and key views (this project's stage-1 augmentation); the
-classification logits are those of the query view. The authors use a third view with
-RandAugment for the logits (docs/DESIGN.md §2.14 lists this difference).
+Views (``bcl.augment``): ``authors`` (the default) asks the feed for the authors' three views
+(their ``main.py``, ``--cl_views sim-sim``): a RandAugment view whose logits train the
+classifier and two SimCLR views for the contrastive loss, all three through the backbone in one
+batch as theirs; ``stage1`` uses this project's query and key views for the contrastive loss and
+the query's logits for the classifier.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dscl.data.named_views import SIMCLR_VIEW, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import BCLLoss
 from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
@@ -34,6 +37,10 @@ class BCLSettings:
     logit_adjust_tau: float = 1.0  # τ_la of the logit-compensated cross-entropy
     ce_weight: float = 1.0  # weight of the cross-entropy term (their --alpha)
     scl_weight: float = 0.35  # weight of the contrastive term (their --beta)
+    # "authors": RandAugment view for the logits + two SimCLR views; "stage1": query and key
+    augment: str = "authors"
+    randaugment_ops: int = 2  # RandAugment's number of ops (their --randaug_n)
+    randaugment_magnitude: int = 10  # RandAugment's magnitude (their --randaug_m)
 
     def check(self) -> None:
         if self.temperature <= 0:
@@ -41,6 +48,22 @@ class BCLSettings:
         for key in ("logit_adjust_tau", "ce_weight", "scl_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
+        check_augment(self)
+
+
+AUGMENTS = ("authors", "stage1")  # bcl.augment and paco.augment
+
+
+def check_augment(settings) -> None:
+    """The ``augment`` and RandAugment settings shared by BCL and PaCo."""
+    if settings.augment not in AUGMENTS:
+        raise ConfigError(f"augment: {settings.augment!r} is not one of {', '.join(AUGMENTS)}")
+    if settings.randaugment_ops < 0:
+        raise ConfigError(f"randaugment_ops: must not be negative, got {settings.randaugment_ops}")
+    if not 0 <= settings.randaugment_magnitude <= 30:
+        raise ConfigError(
+            f"randaugment_magnitude: must be in 0..30, got {settings.randaugment_magnitude}"
+        )
 
 
 class BCLModel(nn.Module):
@@ -58,12 +81,15 @@ class BCLModel(nn.Module):
         self.head = ProjectionHead(backbone.out_channels, embed_dim)
         self.prototype_head = ProjectionHead(backbone.out_channels, embed_dim)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
-        """Logits of ``view1`` (B, C), the two views' embeddings (B, D) each and the class
-        prototypes normalize(h(W)) (C, D), W the classifier's (C, C_f) weights."""
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, class_view=None):
+        """Logits (B, C) of ``class_view`` (of ``view1`` when None), the two views' embeddings
+        (B, D) each and the class prototypes normalize(h(W)) (C, D), W the classifier's (C, C_f)
+        weights. The views go through the backbone as one batch."""
         batch = view1.shape[0]
-        features = self.classifier.features(torch.cat([view1, view2]))  # (2B, C_f)
+        views = [view1, view2] if class_view is None else [class_view, view1, view2]
+        features = self.classifier.features(torch.cat(views))  # (2B or 3B, C_f)
         logits = self.classifier.fc(features[:batch])  # (B, C)
+        features = features[-2 * batch :]  # (2B, C_f): the contrastive views
         z = F.normalize(self.head(features), dim=1)  # (2B, D)
         prototypes = F.normalize(self.prototype_head(self.classifier.fc.fc.weight), dim=1)
         return logits, z[:batch], z[batch:], prototypes
@@ -73,15 +99,29 @@ class BalancedContrastive(Method):
     """BCL: one stage, the classifier trained jointly with the balanced contrastive loss."""
 
     feed_kind = VIEWS
-    uses_patches = False
+    views = ("query", "key")
 
-    def __init__(self, model: BCLModel, loss: BCLLoss) -> None:
+    def __init__(
+        self, model: BCLModel, loss: BCLLoss, augment: str = "stage1", randaugment=(2, 10)
+    ):
         super().__init__(model)
         self.loss = loss
+        self.names = ("query", "key", None)
+        if augment == "authors":  # the feed makes these three views and no standard one
+            self.views = ()
+            self.extra_views = {
+                "bcl_class": randaugment_view(*randaugment),
+                "bcl_view1": SIMCLR_VIEW,
+                "bcl_view2": SIMCLR_VIEW,
+            }
+            self.names = ("bcl_view1", "bcl_view2", "bcl_class")
 
     def step(self, batch) -> StepOutput:
         x = batch.inputs
-        logits, view1, view2, prototypes = self.net(x["query"], x["key"])
+        first, second, cls = self.names
+        logits, view1, view2, prototypes = self.net(
+            x[first], x[second], x[cls] if cls is not None else None
+        )
         terms = self.loss(logits.float(), view1, view2, batch.labels, prototypes)
         return StepOutput(
             terms.loss, {"loss_ce": terms.ce.detach(), "loss_bcl": terms.scl.detach()}
@@ -106,4 +146,4 @@ def build_bcl(cfg, data) -> BalancedContrastive:
         ce_weight=s.ce_weight,
         scl_weight=s.scl_weight,
     )
-    return BalancedContrastive(model, loss)
+    return BalancedContrastive(model, loss, s.augment, (s.randaugment_ops, s.randaugment_magnitude))

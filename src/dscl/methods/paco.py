@@ -7,8 +7,9 @@ classifier's logits enter the contrast set of :class:`~dscl.losses.PaCoLoss`
 (docs/DESIGN.md §2.15). ``classifier.mode=auto`` keeps that classifier, as the authors
 evaluate it.
 
-The query and key views are the feed's (this project's stage-1 augmentation); the authors'
-query view adds RandAugment (docs/DESIGN.md §2.15 lists this difference).
+Views (``paco.augment``): ``authors`` (the default) asks the feed for the authors' two views
+(their ImageNet-LT ``paco_lt.py``): a RandAugment query and a MoCo v2 key; ``stage1`` uses this
+project's query and key views.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 from torch import nn
 
 from dscl import dist
+from dscl.data.named_views import MOCO_VIEW, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import PaCoLoss
 from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
+from dscl.methods.bcl import check_augment
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, ContrastiveModel
 
@@ -35,6 +38,9 @@ class PaCoSettings:
     beta: float = 1.0  # weight of the own-class centre
     gamma: float = 1.0  # weight of the contrast samples in the denominator
     balanced: bool = True  # add log π to the centre logits (their LT loss); false: plain PaCo
+    augment: str = "authors"  # "authors": RandAugment query, MoCo v2 key; "stage1": query, key
+    randaugment_ops: int = 2  # RandAugment's number of ops (theirs: rand-n2-m10)
+    randaugment_magnitude: int = 10  # RandAugment's magnitude
 
     def check(self) -> None:
         if self.temperature <= 0:
@@ -46,6 +52,7 @@ class PaCoSettings:
                 f"alpha, beta: need alpha >= 0, beta >= 0 and alpha + beta > 0, got "
                 f"{self.alpha}, {self.beta}"
             )
+        check_augment(self)
 
 
 class PaCoModel(nn.Module):
@@ -69,19 +76,34 @@ class ParametricContrastive(Method):
     """PaCo: queries against keys, queue and class centres; the centres are the classifier."""
 
     feed_kind = VIEWS
-    uses_patches = False
+    views = ("query", "key")
 
-    def __init__(self, model: PaCoModel, loss: PaCoLoss, encoder_momentum: float) -> None:
+    def __init__(
+        self,
+        model: PaCoModel,
+        loss: PaCoLoss,
+        encoder_momentum: float,
+        augment: str = "stage1",
+        randaugment=(2, 10),
+    ) -> None:
         super().__init__(model)
         self.loss, self.encoder_momentum = loss, encoder_momentum
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.names = ("query", "key")
+        if augment == "authors":  # the feed makes these two views and no standard one
+            self.views = ()
+            self.extra_views = {
+                "paco_query": randaugment_view(*randaugment),
+                "paco_key": MOCO_VIEW,
+            }
+            self.names = ("paco_query", "paco_key")
 
     def start_training(self) -> None:
         self.model.contrastive.init_momentum_encoder()
 
     def step(self, batch) -> StepOutput:
         x = batch.inputs
-        query, key, logits = self.net(x["query"], x["key"])
+        query, key, logits = self.net(x[self.names[0]], x[self.names[1]])
         queue = self.model.contrastive.queue
         loss = self.loss(
             query, key, batch.labels, queue.features, queue.labels, logits.float(), queue.valid
@@ -112,4 +134,6 @@ def build_paco(cfg, data) -> ParametricContrastive:
     model = PaCoModel(backbone, data.num_classes, cfg.model.embed_dim, p.queue_size)
     counts = data.counts("paco") if s.balanced else None
     loss = PaCoLoss(counts, temperature=s.temperature, alpha=s.alpha, beta=s.beta, gamma=s.gamma)
-    return ParametricContrastive(model, loss, p.encoder_momentum)
+    return ParametricContrastive(
+        model, loss, p.encoder_momentum, s.augment, (s.randaugment_ops, s.randaugment_magnitude)
+    )
