@@ -674,13 +674,18 @@ def test_jobs_run_cells_side_by_side(tmp_path: Path, capsys):
 
 def test_a_failed_job_lets_the_others_finish_then_reports(tmp_path: Path, capsys):
     path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon"]})
+    other_started = threading.Event()
 
     def runner(study, cell):
         if cell.name == "method-ce":
+            # fail while the other job runs its cell (on a loaded machine the second job's
+            # thread may otherwise start only after the failure, and rightly start nothing)
+            assert other_started.wait(30)
             log = study.study_dir / cell.name / "stdout.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("boom\n")
             raise CellFailed(cell, 3, log)
+        other_started.set()
         time.sleep(0.3)
         fabricate(study, cell, 50.0)
         return {}
