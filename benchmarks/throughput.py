@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from dscl.config import RunConfig
+from dscl.config import build_config
 from dscl.data.synthetic import make_synthetic
 from dscl.data.views import BatchedMultiView, ViewConfig, ViewRequest
 from dscl.engine import runtime
@@ -59,7 +59,7 @@ def peak_memory_gib(device: torch.device) -> float:
 def build(setting: str, args, device: torch.device):
     backbone, view, patch, source, default_batch = SETTINGS[setting]
     batch = args.batch_size or default_batch
-    cfg = RunConfig(method=args.method)
+    cfg = build_config(None, [f"method={args.method}", *args.set])  # a method's settings too
     cfg.model.backbone = backbone
     cfg.pretrain.queue_size = args.queue_size
     view_cfg = ViewConfig(view_size=view, patch_size=patch)
@@ -136,6 +136,8 @@ def measure_limit(setting: str, args, device: torch.device) -> float:
     moco = getattr(model, "contrastive", model)  # paco keeps its MoCo model beside a classifier
     encoder = getattr(moco, "query_encoder", None)
     two_views = args.method == "bcl"  # one backbone pass over both views, no momentum encoder
+    # bcl on its authors' views: a third (classifier) view in the same backbone pass
+    class_view = two_views and cfg.section("bcl").augment == "authors"
     views = BatchedMultiView(view_cfg)
     images = feed.images[:batch]
     x = views(images, generator=torch.Generator(device=device).manual_seed(0))
@@ -147,7 +149,8 @@ def measure_limit(setting: str, args, device: torch.device) -> float:
     def work() -> None:
         with runtime.autocast(device, opt.amp):
             if two_views:
-                out = sum(t.float().sum() for t in model(query, key))
+                third = query if class_view else None
+                out = sum(t.float().sum() for t in model(query, key, third))
             elif encoder is None:  # ce: one view through backbone + linear layer
                 out = model(query).float().sum()
             else:
@@ -190,13 +193,20 @@ def main() -> None:
         action="store_true",
         help="make patch pixels even for a method that reads none (as before they were skipped)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting, e.g. bcl.augment=stage1 (repeatable)",
+    )
     args = parser.parse_args()
     runtime.set_threads(args.threads)
     device = runtime.select_device(args.device)
     print(
         f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}, amp={args.amp}, "
-        f"method {args.method}, compile={args.compile}",
+        f"method {args.method} {' '.join(args.set)}, compile={args.compile}",
         flush=True,
     )
     header = "| setting | backbone | view/patch px | batch | images/s | limit images/s | share "
