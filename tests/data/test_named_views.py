@@ -141,17 +141,20 @@ def test_randaugment_views_are_repeatable_and_differ_from_the_plain_view():
 # ---------------------------------------------------------------- image files
 
 
-def _jpegs(tmp_path):
+def _jpegs(tmp_path, png: bool = False):
+    """Four JPEGs (and with ``png`` a fifth file, a PNG: decoded and cropped in the worker even
+    when JPEGs are decoded on the device)."""
     from PIL import Image
 
     paths = []
-    for i, (h, w) in enumerate([(40, 52), (52, 40), (33, 70), (45, 45)]):
+    sizes = [(40, 52), (52, 40), (33, 70), (45, 45)] + ([(38, 41)] if png else [])
+    for i, (h, w) in enumerate(sizes):
         g = torch.Generator().manual_seed(i)
         low = torch.randint(0, 256, (5, 6, 3), dtype=torch.uint8, generator=g).numpy()
-        path = tmp_path / f"{i}.jpg"
+        path = tmp_path / (f"{i}.png" if i == 4 else f"{i}.jpg")
         Image.fromarray(low).resize((w, h), Image.BICUBIC).save(path, quality=92)
         paths.append(str(path))
-    return ImageFileDataset(paths, [0, 1, 0, 1], ["a", "b"])
+    return ImageFileDataset(paths, [0, 1, 0, 1, 0][: len(paths)], ["a", "b"])
 
 
 def test_file_paths_draw_what_the_per_sample_path_draws(tmp_path):
@@ -176,9 +179,9 @@ def test_fast_and_device_decode_paths_make_the_per_sample_views(tmp_path, standa
     cfg = ViewConfig(view_size=16, num_patches=2)
     extra = (("plain", PLAIN), ("moco", MOCO_VIEW), ("strong", randaugment_view(2, 0)))
     request = ViewRequest(standard, extra)
-    data = _jpegs(tmp_path)
+    data = _jpegs(tmp_path, png=True)
     crops = FileCrops(data, "views", cfg, request=request)
-    items = [(seed, seed % len(data)) for seed in range(4)]
+    items = [(seed, seed % len(data)) for seed in range(5)]
     fast = finish_batch(default_collate([crops[i][0] for i in items]), "views", cfg, CPU, request)
     device_items, _ = collate_items([JpegBytes(crops)[i] for i in items])
     decoded = DeviceDecoder("views", cfg, CPU, request)(device_items)
@@ -192,8 +195,10 @@ def test_fast_and_device_decode_paths_make_the_per_sample_views(tmp_path, standa
         if name == "boxes":
             assert torch.equal(fast[name], ref[name]) and torch.equal(decoded[name], ref[name])
             continue
-        # the device path crops in float like the per-sample path; the fast path in uint8
-        assert (decoded[name] - ref[name]).abs().max() < FLOAT_TOLERANCE, name
+        # the device path crops JPEGs in float like the per-sample path (the PNG, last, was
+        # cropped in uint8 in the worker); the fast path crops in uint8
+        assert (decoded[name][:4] - ref[name][:4]).abs().max() < FLOAT_TOLERANCE, name
+        assert (decoded[name][4] - ref[name][4]).abs().max() < UINT8_TOLERANCE, name
         assert (fast[name] - ref[name]).abs().max() < UINT8_TOLERANCE, name
 
 

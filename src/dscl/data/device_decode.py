@@ -30,10 +30,9 @@ from dscl.data.fileviews import (
     _boxes,
     _rand_boxes,
     _rand_flips,
-    draw_named_one,
-    draw_views,
+    assemble_crops,
+    draw_request,
     finish_crops,
-    named_tensors,
     to_planes,
 )
 from dscl.data.views import ALL_VIEWS, ViewConfig, ViewRequest
@@ -60,13 +59,9 @@ class JpegBytes(Dataset):
         g = torch.Generator().manual_seed(seed)
         out = {"jpeg": torch.frombuffer(data, dtype=torch.uint8), "path": path}
         if crops.kind == VIEWS:
-            request, cfg = crops.request, crops.cfg
-            if request.standard:
-                out["draws"] = draw_views(header.height, header.width, cfg, g)
-            out["named"] = {
-                name: draw_named_one(spec, header.height, header.width, cfg.color_augment, g)
-                for name, spec in request.extra
-            }
+            out["draws"], out["named"] = draw_request(
+                header.height, header.width, crops.cfg, crops.request, g
+            )
         else:
             u = _rand_boxes(g, 1).tolist()
             aspects = _aspects([(u, CROP_RATIO)])[0]
@@ -135,51 +130,36 @@ class DeviceDecoder:
         return finish_crops(default_collate(made), cfg, self.request)
 
     def _worker_crops(self, crops: dict) -> dict:
-        """A worker's ``view_crops`` of one image, on the device, its crops as float planes."""
-
-        def move(value):
-            if isinstance(value, dict):
-                return {k: move(v) for k, v in value.items()}
-            value = value.to(self.device)
-            return value if value.is_floating_point() else to_planes(value)
-
-        out = {k: move(v) for k, v in crops.items() if k not in ("boxes", "patch_flips", "color")}
-        for k in ("boxes", "patch_flips", "color"):
-            if k in crops:
-                out[k] = crops[k].to(self.device)
+        """A worker's ``view_crops`` of one image (not a plain JPEG), on the device, its uint8
+        crops as float planes like the crops made here."""
+        out = _moved(crops, self.device)
+        for name in ("query", "key", "patches"):
+            if name in out:
+                out[name] = to_planes(out[name])
+        for named in out.get("named", {}).values():
+            named["crop"] = to_planes(named["crop"])
         return out
 
     def _crops(self, item: dict, image: Tensor) -> dict:
         """The request's crops of one image decoded on the device, as float (3, S, S) planes,
         with their parameters."""
-        cfg, request, out = self.cfg, self.request, {}
-        if request.standard:
-            draws = item["draws"]
-            query = crop_resize(
-                image, torch.tensor(draws.query_box), cfg.view_size, draws.query_flip
-            )
-            tensors = {k: v.to(self.device) for k, v in draws.tensors().items()}
-            if "query" in request.standard:
-                out["query"] = query
-            if request.key:
-                out["key"] = crop_resize(
-                    image, torch.tensor(draws.key_box), cfg.view_size, draws.key_flip
-                )
-            if request.patches:
-                out["patches"] = resample_boxes(
-                    query[None], tensors["boxes"][None], tensors["patch_flips"][None], cfg.patch_px
-                )[0]
-            else:
-                del tensors["boxes"], tensors["patch_flips"]
-            out.update(tensors)
-        if request.extra:
-            named = {}
-            for name, spec in request.extra:
-                draw = item["named"][name]
-                crop = crop_resize(
-                    image, torch.tensor(draw["box"]), spec.side(cfg.view_size), draw["flip"]
-                )
-                extra = {k: v.to(self.device) for k, v in named_tensors(draw).items()}
-                named[name] = {"crop": crop, **extra}
-            out["named"] = named
-        return out
+        cfg, device = self.cfg, self.device
+
+        def crop(image: Tensor, box, size: int, flip: bool) -> Tensor:
+            return crop_resize(image, torch.tensor(box), size, flip)
+
+        def cut_patches(query: Tensor, tensors: dict) -> Tensor:
+            boxes, flips = tensors["boxes"].to(device), tensors["patch_flips"].to(device)
+            return resample_boxes(query[None], boxes[None], flips[None], cfg.patch_px)[0]
+
+        out = assemble_crops(
+            image, item["draws"], item["named"], self.request, cfg, crop, cut_patches
+        )
+        return _moved(out, device)
+
+
+def _moved(value, device: torch.device):
+    """``value`` (a tensor or nested dicts of them) on ``device``."""
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value.to(device)

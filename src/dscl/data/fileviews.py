@@ -242,6 +242,60 @@ def named_tensors(draw: dict) -> dict[str, Tensor]:
     return out
 
 
+def draw_request(
+    height: int, width: int, cfg: ViewConfig, request: ViewRequest, g: torch.Generator
+) -> tuple[Draws | None, dict[str, dict]]:
+    """Every parameter of one image's stage-1 views as ``request`` needs them, in the per-sample
+    path's order: the standard views' (``draw_views``) if any is read, then each named view's
+    (``draw_named_one``)."""
+    draws = draw_views(height, width, cfg, g) if request.standard else None
+    named = {
+        name: draw_named_one(spec, height, width, cfg.color_augment, g)
+        for name, spec in request.extra
+    }
+    return draws, named
+
+
+def assemble_crops(
+    image: Tensor,
+    draws: Draws | None,
+    named: dict[str, dict],
+    request: ViewRequest,
+    cfg: ViewConfig,
+    crop,
+    cut_patches,
+) -> dict:
+    """One image's crops for ``request`` from its drawn parameters, the shape of ``view_crops``'
+    result; ``crop(image, box, size, flip)`` makes a view and ``cut_patches(query, tensors)``
+    the patches from the query view and ``draws.tensors()`` (uint8 in the workers, float on the
+    device when JPEGs are decoded there)."""
+    out: dict = {}
+    if draws is not None:
+        size = cfg.view_size
+        query = crop(image, draws.query_box, size, draws.query_flip)
+        if "query" in request.standard:
+            out["query"] = query
+        if request.key:
+            out["key"] = crop(image, draws.key_box, size, draws.key_flip)
+        tensors = draws.tensors()
+        if request.patches:
+            out["patches"] = cut_patches(query, tensors)
+        else:
+            del tensors["boxes"], tensors["patch_flips"]
+        out.update(tensors)
+    if request.extra:
+        out["named"] = {
+            name: {
+                "crop": crop(
+                    image, named[name]["box"], spec.side(cfg.view_size), named[name]["flip"]
+                ),
+                **named_tensors(named[name]),
+            }
+            for name, spec in request.extra
+        }
+    return out
+
+
 def view_crops(
     image: Tensor, cfg: ViewConfig, g: torch.Generator, request: ViewRequest = ALL_VIEWS
 ) -> dict[str, Tensor]:
@@ -255,34 +309,17 @@ def view_crops(
         (S', S', 3) uint8 under ``crop`` and its colour uniforms and RandAugment seed.
     """
     # L patches, S view size, P patch size
-    height, width = image.shape[0], image.shape[1]
-    out: dict = {}
-    if request.standard:
-        draws = draw_views(height, width, cfg, g)
-        size, patch = cfg.view_size, cfg.patch_px
-        query = crop_u8(image, draws.query_box, size, draws.query_flip)  # (S, S, 3)
-        if "query" in request.standard:
-            out["query"] = query
-        if request.key:
-            out["key"] = crop_u8(image, draws.key_box, size, draws.key_flip)
-        tensors = draws.tensors()
-        if request.patches:
-            crops = [
-                crop_u8(query, box, patch, flip)
-                for box, flip in zip(draws.patch_boxes, draws.patch_flips, strict=True)
-            ]
-            out["patches"] = torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3)
-        else:
-            del tensors["boxes"], tensors["patch_flips"]
-        out.update(tensors)
-    if request.extra:
-        named = {}
-        for name, spec in request.extra:
-            draw = draw_named_one(spec, height, width, cfg.color_augment, g)
-            crop = crop_u8(image, draw["box"], spec.side(cfg.view_size), draw["flip"])
-            named[name] = {"crop": crop, **named_tensors(draw)}
-        out["named"] = named
-    return out
+    draws, named = draw_request(image.shape[0], image.shape[1], cfg, request, g)
+    patch = cfg.patch_px
+
+    def cut_patches(query: Tensor, _tensors) -> Tensor:
+        crops = [
+            crop_u8(query, box, patch, flip)
+            for box, flip in zip(draws.patch_boxes, draws.patch_flips, strict=True)
+        ]
+        return torch.stack(crops) if crops else query.new_zeros(0, patch, patch, 3)
+
+    return assemble_crops(image, draws, named, request, cfg, crop_u8, cut_patches)
 
 
 def classifier_crop(
