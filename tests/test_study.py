@@ -80,7 +80,9 @@ def write_study(tmp_path: Path, name: str = "s", filename: str = "study.yaml", *
     return path
 
 
-def fabricate(study, cell, top1, many=None, medium=None, few=None, wall=1.5, per_class=None):
+def fabricate(
+    study, cell, top1, many=None, medium=None, few=None, wall=1.5, per_class=None, commit=None
+):
     """A finished cell folder as `dscl run` and the study would leave it."""
     folder = study.study_dir / cell.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,8 @@ def fabricate(study, cell, top1, many=None, medium=None, few=None, wall=1.5, per
     (folder / "metrics.json").write_text(json.dumps(metrics))
     machine = {"processor": "x86_64", "machine": "x86_64", "cpus": 2, "torch": "9.9"}
     record = {"cell": cell.name, "wall_s": wall, "resumed": False, "machine": machine}
+    if commit is not None:
+        record["git_commit"] = commit
     (folder / "cell.json").write_text(json.dumps(record))
 
 
@@ -274,7 +278,8 @@ def test_aggregation_against_hand_values(tmp_path: Path):
     for method in ("ce", "dscl"):
         for seed in range(3):
             cell = cells[f"method-{method}_seed-{seed}"]
-            fabricate(study, cell, top1[method][seed], 70.0, None, few[method][seed])
+            commit = "0123abcd" * 5 if (method, seed) == ("ce", 0) else None
+            fabricate(study, cell, top1[method][seed], 70.0, None, few[method][seed], commit=commit)
     states = {c.name: cell_state(study, c) for c in study.cells}
     assert set(states.values()) == {"finished"}
     results = aggregate(study, states)
@@ -303,6 +308,9 @@ def test_aggregation_against_hand_values(tmp_path: Path):
 
     page_path = write_results(study, results)
     page = page_path.read_text()
+    # the cells table names the commit each cell ran from (cell.json), where it was recorded
+    assert "| `method-ce_seed-0` | 50.00 | 70.00 | — | 10.00 | 1.5 s | `0123abc` |" in page
+    assert "| `method-ce_seed-1` |" in page and "| 1.5 s | not recorded |" in page
     assert "| ce | 3 | 52.00 ± 2.00 | 70.00 ± 0.00 | — | 20.00 ± 10.00 |" in page
     assert "| dscl | 3 | +2.33 ± 2.08 [-2.84, +7.50] |" in page
     assert "1.5 s" in page and "processor x86_64, machine x86_64, 2 CPUs, torch 9.9" in page

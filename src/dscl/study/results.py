@@ -387,20 +387,22 @@ def results_markdown(
             ]
 
     out += ["## Cells", ""]
-    header = ["cell", *(LABELS[k] for k in METRICS), "wall time"]
+    header = ["cell", *(LABELS[k] for k in METRICS), "wall time", "commit"]
     rows = []
     machines: list[tuple[str, list[str]]] = []
     for entry, cell in zip(results["cells"], study.cells, strict=True):
         if not entry["finished"]:
-            rows.append([f"`{cell.name}`", *("—" for _ in METRICS), "not finished"])
+            rows.append([f"`{cell.name}`", *("—" for _ in METRICS), "not finished", "—"])
             continue
         wall = entry.get("wall_s")
         wall_text = "not recorded" if wall is None else f"{wall:.1f} s"
         if entry.get("resumed"):
             wall_text += " (resumed: last attempt)"
         values = [_fmt_value(entry["metrics"][k]) for k in METRICS]
-        rows.append([f"`{cell.name}`", *values, wall_text])
         record = read_cell_record(study, cell)
+        commit = record.get("git_commit") if record else None
+        commit_text = f"`{commit[:7]}`" if isinstance(commit, str) and commit else "not recorded"
+        rows.append([f"`{cell.name}`", *values, wall_text, commit_text])
         if record and isinstance(record.get("machine"), dict):
             text = _machine_text(record["machine"], record.get("threads"))
             for known, names in machines:
