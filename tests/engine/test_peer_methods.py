@@ -45,6 +45,10 @@ def test_one_stage_methods_keep_their_classifier(tmp_path: Path, method: str, ca
     assert main(["evaluate", "--name", method, f"output_dir={tmp_path}", "threads=1"]) == 0
     again = json.loads((run / "metrics.json").read_text())
     assert again["top1"] == metrics["top1"]
+    # a finished keep run is finished for --resume auto (it has best.pt and no last.pt)
+    capsys.readouterr()
+    _run(tmp_path, method, f"method={method}", "--resume", "auto")
+    assert "the run is finished; nothing to resume" in capsys.readouterr().err
     out = tmp_path / "backbone.pt"
     assert main(["export", "--checkpoint", str(run / "best.pt"), "--output", str(out)]) == 0
     exported = torch.load(out)
