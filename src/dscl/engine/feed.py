@@ -5,7 +5,8 @@ Three paths with the same semantics:
   the device once as uint8 and augmented there a whole batch at a time (``BatchedMultiView``);
 - image files, fast (``file_views="fast"``, the default for image-file datasets): DataLoader
   workers decode each file once and crop it to uint8 views (``dscl.data.fileviews``), the main
-  process runs the colour ops on the whole batch on the device;
+  process runs the colour ops on the whole batch on the device (training on the CPU, the workers
+  run them on their own batches: there the workers are the cores that are free);
 - per sample: any other dataset (and image files with ``file_views="per_sample"``) goes through a
   DataLoader whose workers run the per-sample transforms.
 Which images a rank sees in an epoch and how they are augmented depend only on (seed, epoch,
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dscl import dist
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
@@ -230,6 +232,15 @@ class TrainFeed:
             for items, labels in _worker_errors(loader):
                 yield Batch(decoder(items), labels.to(self.device, non_blocking=True))
             return
+        if self.device.type == "cpu" and self.num_workers > 0:
+            # training on the CPU: the workers are the spare cores, so each finishes its own
+            # batches (colour ops and normalisation, batched) instead of the main process
+            finish = partial(
+                finished_batch, kind=self.kind, cfg=self.view_cfg, request=self.request
+            )
+            for inputs, labels in _worker_errors(self._loader(crops, positions, seed, finish)):
+                yield Batch(inputs, labels)
+            return
         loader = self._loader(crops, positions, seed)
         for sample, labels in _worker_errors(loader):
             inputs = finish_batch(sample, self.kind, self.view_cfg, self.device, self.request)
@@ -252,6 +263,13 @@ class TrainFeed:
             else:
                 inputs = {"image": sample.to(self.device, non_blocking=True)}
             yield Batch(inputs, labels.to(self.device, non_blocking=True))
+
+
+def finished_batch(items, *, kind: str, cfg: ViewConfig, request: ViewRequest):
+    """A DataLoader ``collate_fn`` for ``FileCrops`` items on a CPU: the collated batch finished
+    (``fileviews.finish_batch``) in the worker, as (inputs, labels)."""
+    sample, labels = default_collate(items)
+    return finish_batch(sample, kind, cfg, torch.device("cpu"), request), labels
 
 
 def _worker_errors(loader: DataLoader) -> Iterator:
