@@ -29,7 +29,7 @@ from dscl.data.fileviews import (
     to_planes,
 )
 from dscl.data.views import MultiViewTransform, ViewConfig, _finish, draw_view_params
-from dscl.engine.feed import PositionSeeded, TrainFeed
+from dscl.engine.feed import PositionSeeded, TrainFeed, eval_batches
 from dscl.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -445,3 +445,41 @@ def test_the_feed_decodes_on_the_device_only_when_it_is_cuda(jpegs):
     for a, b in zip(plain[1:], forced, strict=True):
         assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs["boxes"], b.inputs["boxes"])
         assert (a.inputs["query"] - b.inputs["query"]).abs().max() < 0.25
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("size", [16, 64])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fast_evaluation_equals_the_per_sample_transform(tmp_path, size, workers):
+    """Decoded, resized and centre-cropped in uint8 by the workers, normalised a batch at a time
+    (in the workers on a CPU): the per-sample EvalTransform's views up to the uint8 rounding,
+    every mode of image included, in order, with the labels."""
+    sizes = [(60, 80), (80, 60), (47, 101), (64, 64), (33, 90)]
+    paths = [save_jpeg(tmp_path / f"{i}.jpg", h, w, i) for i, (h, w) in enumerate(sizes)]
+    for name, image in _modes(tmp_path):  # 16-bit, palette, alpha, grayscale, CMYK
+        image.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    dataset = ImageFileDataset(paths, [i % 2 for i in range(len(paths))], ["a", "b"])
+    cfg = ViewConfig(view_size=size)
+    kw = {"batch_size": 3, "device": CPU, "num_workers": workers}
+    fast = list(eval_batches(dataset, cfg, **kw))
+    slow = list(eval_batches(dataset, cfg, file_views="per_sample", **kw))
+    assert len(fast) == len(slow) == -(-len(paths) // 3)
+    for (a, ya), (b, yb) in zip(fast, slow, strict=True):
+        assert torch.equal(ya, yb) and a.shape == b.shape == (len(ya), 3, size, size)
+        diff = ((a - b) * torch.tensor(cfg.std).view(1, 3, 1, 1)).abs().max()
+        assert diff <= CROP_TOLERANCE, float(diff)
+
+
+def test_fast_evaluation_stops_at_a_bad_file_with_its_message(tmp_path):
+    good = [save_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(3)]
+    bad = _bad_files(tmp_path)[0]  # corrupt
+    dataset = ImageFileDataset([*good, bad], [0, 1, 0, 1], ["a", "b"])
+    expected = _message(lambda: dataset[3])
+    for workers in (0, 1):
+        batches = eval_batches(
+            dataset, ViewConfig(view_size=16), batch_size=2, device=CPU, num_workers=workers
+        )
+        assert _message(lambda b=batches: list(b)) == expected

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dscl.data.classifier_views import _classifier_scale
+from dscl.data.classifier_views import _classifier_scale, _default_resize_ratio
 from dscl.data.color_ops import ColorParams, color_params
 from dscl.data.crop_ops import CROP_ATTEMPTS, CROP_RATIO, P_FLIP, normalise
 from dscl.data.decode import decode_rgb
@@ -372,6 +372,45 @@ class FileCrops(Dataset):
         if self.kind == VIEWS:
             return view_crops(image, self.cfg, g, self.request), self.targets[index]
         return classifier_crop(image, self.cfg.view_size, self.scale, g), self.targets[index]
+
+
+def eval_crop(image: Tensor, view_size: int, resize_ratio: float) -> Tensor:
+    """``EvalTransform``'s geometry on (H, W, 3) uint8 ``image``: the shorter side resized to
+    round(S / ratio) (torch's uint8 antialiased bilinear kernel), then the centre S×S, as
+    (S, S, 3) uint8."""
+    height, width = image.shape[:2]
+    short = round(view_size / resize_ratio)
+    if height <= width:
+        new_h, new_w = short, int(short * width / height)
+    else:
+        new_h, new_w = int(short * height / width), short
+    if (new_h, new_w) != (height, width):
+        x = image.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+        x = F.interpolate(
+            x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
+        image = x[0].permute(1, 2, 0)
+    top, left = int(round((new_h - view_size) / 2)), int(round((new_w - view_size) / 2))
+    return image[top : top + view_size, left : left + view_size].contiguous()
+
+
+class EvalCrops(Dataset):
+    """Items ``index`` → (centre view (S, S, 3) uint8, label) of an image-file dataset: the
+    workers' part of evaluation on the fast path (decode once, resize and crop in uint8; no
+    draft decoding, so evaluation never depends on a speed setting). An unreadable file raises
+    the per-sample path's ``DataError``."""
+
+    def __init__(self, dataset: ImageFileDataset, cfg: ViewConfig) -> None:
+        self.paths, self.targets = dataset.paths, dataset.targets
+        self.view_size = cfg.view_size
+        self.resize_ratio = _default_resize_ratio(cfg.view_size, None)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = decode_rgb(self.paths[index]).permute(1, 2, 0)  # (H, W, 3)
+        return eval_crop(image, self.view_size, self.resize_ratio), self.targets[index]
 
 
 # ------------------------------------------------------------------------ the main process's part

@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dscl import dist
+from dscl.data.crop_ops import normalise
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
-from dscl.data.fileviews import FileCrops, finish_batch
+from dscl.data.fileviews import EvalCrops, FileCrops, finish_batch, to_planes
 from dscl.data.imagesets import ImageFileDataset
 from dscl.data.samplers import ClassBalancedSampler
 from dscl.data.views import (
@@ -313,9 +314,18 @@ def eval_batches(
     device: torch.device,
     num_workers: int = 0,
     in_memory: bool = True,
+    file_views: str = "fast",
 ):
-    """Deterministic (images, labels) batches over a whole evaluation split, in order."""
+    """Deterministic (images, labels) batches over a whole evaluation split, in order.
+
+    Image files on the fast path (``file_views="fast"``) are decoded, resized and centre-cropped
+    in uint8 by the workers (``fileviews.EvalCrops``) and normalised a batch at a time on the
+    device (in the workers when training on the CPU with workers)."""
     cfg = view_cfg
+    if file_views not in FILE_VIEWS:
+        raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
+    if file_views == "fast" and isinstance(dataset, ImageFileDataset):
+        return _file_eval_batches(dataset, cfg, batch_size, device, num_workers)
     if in_memory and hasattr(dataset, "tensor_images"):
         images = dataset.tensor_images()
         labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
@@ -337,6 +347,36 @@ def eval_batches(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
+
+
+def normalised_batch(items, *, mean, std):
+    """A DataLoader ``collate_fn`` for ``EvalCrops`` items on a CPU: the normalised batch."""
+    crops, labels = default_collate(items)
+    return normalise(to_planes(crops), mean, std), labels
+
+
+def _file_eval_batches(dataset, cfg: ViewConfig, batch_size: int, device, num_workers: int):
+    crops = EvalCrops(dataset, cfg)
+    in_workers = device.type == "cpu" and num_workers > 0
+    collate = partial(normalised_batch, mean=cfg.mean, std=cfg.std) if in_workers else None
+
+    def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            crops,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=collate,
+        )
+        for images, labels in _worker_errors(loader):
+            if not in_workers:
+                images = normalise(
+                    to_planes(images.to(device, non_blocking=True)), cfg.mean, cfg.std
+                )
+            yield images, labels
+
+    return _Reiterable(generate)
 
 
 class _Reiterable:

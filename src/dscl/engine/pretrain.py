@@ -72,6 +72,7 @@ class StageContext:
             device=self.device,
             num_workers=d.num_workers,
             in_memory=d.batched_views,
+            file_views=d.file_views,
         )
 
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
