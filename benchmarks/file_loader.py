@@ -46,9 +46,10 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from dscl.data import ImageFileDataset, load_rgb
-from dscl.data.classifier_views import ClassifierTrainTransform
+from dscl.data.classifier_views import ClassifierTrainTransform, EvalTransform
+from dscl.data.crop_ops import normalise
 from dscl.data.decode import decode_rgb
-from dscl.data.fileviews import FileCrops, finish_batch
+from dscl.data.fileviews import EvalCrops, FileCrops, finish_batch, to_planes
 from dscl.data.views import MultiViewTransform, ViewConfig
 from dscl.engine.feed import PositionSeeded
 
@@ -158,6 +159,19 @@ def rows_for(setting: str, files: list[str], root: Path, args, device) -> dict[s
         "decode only: PIL (load_rgb)": per_item(lambda i: load_rgb(files[i]), n),
         "decode only: torchvision decode_jpeg": per_item(lambda i: decode_rgb(files[i]), n),
     }
+    if setting.startswith("evaluation"):  # the centre view of validation, test and the kNN bank
+        dataset.transform = EvalTransform(view, cfg.mean, cfg.std)
+        rows["today: per-sample (file_views=per_sample)"] = per_item(lambda i: dataset[i], n)
+        crops = EvalCrops(dataset, cfg)
+        rows["new: worker part (file_views=fast)"] = per_item(lambda i: crops[i], n)
+
+        def eval_end_to_end() -> None:
+            for start in range(0, n - BATCH + 1, BATCH):
+                images, _ = default_collate([crops[i] for i in range(start, start + BATCH)])
+                normalise(to_planes(images.to(device)), cfg.mean, cfg.std)
+
+        rows[f"new: end to end, normalised on {device.type}"] = eval_end_to_end
+        return rows
     if stage == 1:
         dataset.transform = MultiViewTransform(cfg)
     else:
@@ -283,8 +297,8 @@ def main() -> None:
     parser.add_argument(
         "--setting",
         nargs="+",
-        default=["stage 1, 224", "stage 2, 224", "stage 1, 64", "stage 2, 64"],
-        choices=["stage 1, 224", "stage 2, 224", "stage 1, 64", "stage 2, 64"],
+        default=["stage 1, 224", "stage 2, 224", "stage 1, 64", "stage 2, 64", "evaluation, 224"],
+        choices=["stage 1, 224", "stage 2, 224", "stage 1, 64", "stage 2, 64", "evaluation, 224"],
     )
     parser.add_argument("--e2e", action="store_true", help="also train stage 1 from the folder")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end figure")
