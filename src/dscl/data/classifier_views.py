@@ -98,19 +98,28 @@ def _default_resize_ratio(view_size: int, resize_ratio: float | None) -> float:
     return float(resize_ratio)
 
 
-def _resize_centre_crop(x: Tensor, view_size: int, resize_ratio: float) -> Tensor:
-    """Resize the shorter side of (N, 3, H, W) to round(S / ratio), then centre-crop S×S."""
-    height, width = x.shape[-2:]
+def centre_geometry(
+    height: int, width: int, view_size: int, resize_ratio: float
+) -> tuple[int, int, int, int]:
+    """The evaluation view's geometry for a height×width image: the resized size (new_h, new_w)
+    with the shorter side round(S / ratio), and the (top, left) corner of the centred S×S."""
     short = round(view_size / resize_ratio)
     if height <= width:
         new_h, new_w = short, int(short * width / height)
     else:
         new_h, new_w = int(short * height / width), short
+    top, left = int(round((new_h - view_size) / 2)), int(round((new_w - view_size) / 2))
+    return new_h, new_w, top, left
+
+
+def _resize_centre_crop(x: Tensor, view_size: int, resize_ratio: float) -> Tensor:
+    """Resize the shorter side of (N, 3, H, W) to round(S / ratio), then centre-crop S×S."""
+    height, width = x.shape[-2:]
+    new_h, new_w, top, left = centre_geometry(height, width, view_size, resize_ratio)
     if (new_h, new_w) != (height, width):
         x = F.interpolate(
             x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
         )
-    top, left = int(round((new_h - view_size) / 2)), int(round((new_w - view_size) / 2))
     return x[..., top : top + view_size, left : left + view_size]
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dscl.data.classifier_views import _classifier_scale, _default_resize_ratio
+from dscl.data.classifier_views import _classifier_scale, _default_resize_ratio, centre_geometry
 from dscl.data.color_ops import ColorParams, color_params
 from dscl.data.crop_ops import CROP_ATTEMPTS, CROP_RATIO, P_FLIP, normalise
 from dscl.data.decode import decode_rgb
@@ -379,18 +379,13 @@ def eval_crop(image: Tensor, view_size: int, resize_ratio: float) -> Tensor:
     round(S / ratio) (torch's uint8 antialiased bilinear kernel), then the centre S×S, as
     (S, S, 3) uint8."""
     height, width = image.shape[:2]
-    short = round(view_size / resize_ratio)
-    if height <= width:
-        new_h, new_w = short, int(short * width / height)
-    else:
-        new_h, new_w = int(short * height / width), short
+    new_h, new_w, top, left = centre_geometry(height, width, view_size, resize_ratio)
     if (new_h, new_w) != (height, width):
         x = image.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         x = F.interpolate(
             x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
         )
         image = x[0].permute(1, 2, 0)
-    top, left = int(round((new_h - view_size) / 2)), int(round((new_w - view_size) / 2))
     return image[top : top + view_size, left : left + view_size].contiguous()
 
 
