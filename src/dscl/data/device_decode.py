@@ -35,7 +35,7 @@ from dscl.data.fileviews import (
     finish_crops,
     to_planes,
 )
-from dscl.data.views import ALL_VIEWS, ViewConfig, ViewRequest
+from dscl.data.views import ALL_VIEWS, ViewConfig, ViewRequest, to_device
 
 
 class JpegBytes(Dataset):
@@ -132,7 +132,7 @@ class DeviceDecoder:
     def _worker_crops(self, crops: dict) -> dict:
         """A worker's ``view_crops`` of one image (not a plain JPEG), on the device, its uint8
         crops as float planes like the crops made here."""
-        out = _moved(crops, self.device)
+        out = to_device(crops, self.device)
         for name in ("query", "key", "patches"):
             if name in out:
                 out[name] = to_planes(out[name])
@@ -155,11 +155,4 @@ class DeviceDecoder:
         out = assemble_crops(
             image, item["draws"], item["named"], self.request, cfg, crop, cut_patches
         )
-        return _moved(out, device)
-
-
-def _moved(value, device: torch.device):
-    """``value`` (a tensor or nested dicts of them) on ``device``."""
-    if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
-    return value.to(device)
+        return to_device(out, device)

@@ -44,6 +44,7 @@ from dscl.data.views import (
     ViewConfig,
     ViewRequest,
     finish_views,
+    to_device,
 )
 
 VIEWS, CLASSIFY = "views", "classify"  # the feed kinds (dscl.methods.base), without importing it
@@ -424,22 +425,20 @@ def batch_colors(color: Tensor, num_patches: int) -> tuple[ColorParams, ColorPar
     )
 
 
+def normalised_planes(crops: Tensor, device: torch.device, mean, std) -> Tensor:
+    """(B, S, S, 3) uint8 crops → (B, 3, S, S) normalised float on ``device``: the finish of a
+    batch of stage 2's or evaluation's one view."""
+    return normalise(to_planes(crops.to(device, non_blocking=True)), mean, std)
+
+
 def finish_batch(
     sample, kind: str, cfg: ViewConfig, device: torch.device, request: ViewRequest = ALL_VIEWS
 ) -> dict[str, Tensor]:
     """The main process's part: a collated batch of ``FileCrops`` items → model inputs on
     ``device`` (colour ops and normalisation on the whole batch there)."""
     if kind == CLASSIFY:
-        image = to_planes(sample.to(device, non_blocking=True))  # (B, 3, S, S)
-        return {"image": normalise(image, cfg.mean, cfg.std)}
-    moved = _to(sample, device)
-    return finish_crops(moved, cfg, request)
-
-
-def _to(sample, device: torch.device):
-    if isinstance(sample, dict):
-        return {k: _to(v, device) for k, v in sample.items()}
-    return sample.to(device, non_blocking=True)
+        return {"image": normalised_planes(sample, device, cfg.mean, cfg.std)}
+    return finish_crops(to_device(sample, device, non_blocking=True), cfg, request)
 
 
 def finish_crops(moved: dict, cfg: ViewConfig, request: ViewRequest) -> dict[str, Tensor]:

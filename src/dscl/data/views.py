@@ -206,15 +206,21 @@ class ViewParams:
     key_color: ColorParams | None
 
 
-def _to_device(params, device: torch.device):
-    """Recursively move the tensors of a parameter dataclass to ``device``."""
-    if isinstance(params, Tensor):
-        return params.to(device)
-    if is_dataclass(params):
-        return type(params)(
-            **{f.name: _to_device(getattr(params, f.name), device) for f in fields(params)}
+def to_device(value, device: torch.device, non_blocking: bool = False):
+    """``value`` with every tensor on ``device``: a tensor, or a dict or dataclass holding
+    them (recursively); anything else as it is."""
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
+    if is_dataclass(value):
+        return type(value)(
+            **{
+                f.name: to_device(getattr(value, f.name), device, non_blocking)
+                for f in fields(value)
+            }
         )
-    return params
+    return value
 
 
 def draw_view_params(
@@ -365,7 +371,7 @@ class MultiViewTransform:
         out: dict[str, Tensor] = {}
         if request.standard:
             params = draw_view_params(cfg, 1, height, width, generator)
-            params = _to_device(params, image.device)
+            params = to_device(params, image.device)
             query = key = stacked = None
             if request.query:
                 query = crop_resize(image, params.query_boxes[0], size, bool(params.query_flips[0]))
@@ -423,7 +429,7 @@ class BatchedMultiView:
         out: dict[str, Tensor] = {}
         if request.standard:
             params = draw_view_params(cfg, x.shape[0], x.shape[2], x.shape[3], generator)
-            params = _to_device(params, x.device)
+            params = to_device(params, x.device)
             query = patches = key = None
             if request.query:
                 query = resample_boxes(

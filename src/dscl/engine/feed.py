@@ -24,9 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dscl import dist
-from dscl.data.crop_ops import normalise
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
-from dscl.data.fileviews import EvalCrops, FileCrops, finish_batch, to_planes
+from dscl.data.fileviews import EvalCrops, FileCrops, finish_batch, normalised_planes
 from dscl.data.imagesets import ImageFileDataset
 from dscl.data.samplers import ClassBalancedSampler
 from dscl.data.views import (
@@ -352,7 +351,7 @@ def eval_batches(
 def normalised_batch(items, *, mean, std):
     """A DataLoader ``collate_fn`` for ``EvalCrops`` items on a CPU: the normalised batch."""
     crops, labels = default_collate(items)
-    return normalise(to_planes(crops), mean, std), labels
+    return normalised_planes(crops, torch.device("cpu"), mean, std), labels
 
 
 def _file_eval_batches(dataset, cfg: ViewConfig, batch_size: int, device, num_workers: int):
@@ -371,9 +370,7 @@ def _file_eval_batches(dataset, cfg: ViewConfig, batch_size: int, device, num_wo
         )
         for images, labels in _worker_errors(loader):
             if not in_workers:
-                images = normalise(
-                    to_planes(images.to(device, non_blocking=True)), cfg.mean, cfg.std
-                )
+                images = normalised_planes(images, device, cfg.mean, cfg.std)
             yield images, labels
 
     return _Reiterable(generate)

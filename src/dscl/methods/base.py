@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dscl.errors import ConfigError
+
 VIEWS = "views"  # batches hold the views the method names (Method.views, Method.extra_views)
 CLASSIFY = "classify"  # batches hold one augmented "image" (cross-entropy, stage 2)
 
@@ -59,6 +61,23 @@ class DataInfo:
         if self.class_counts is None:
             raise ValueError(f"method {method} needs the training class counts (the class prior)")
         return list(self.class_counts)
+
+
+# a one-stage peer's views: its authors' own (``authors``) or the shared query and key (``stage1``)
+AUGMENTS = ("authors", "stage1")
+
+
+def check_augment(settings) -> None:
+    """Check the ``augment``, ``randaugment_ops`` and ``randaugment_magnitude`` settings that
+    BCL and PaCo share (ConfigError naming the key)."""
+    if settings.augment not in AUGMENTS:
+        raise ConfigError(f"augment: {settings.augment!r} is not one of {', '.join(AUGMENTS)}")
+    if settings.randaugment_ops < 0:
+        raise ConfigError(f"randaugment_ops: must not be negative, got {settings.randaugment_ops}")
+    if not 0 <= settings.randaugment_magnitude <= 30:
+        raise ConfigError(
+            f"randaugment_magnitude: must be in 0..30, got {settings.randaugment_magnitude}"
+        )
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import nn
 from dscl.data.named_views import SIMCLR_VIEW, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import BCLLoss
-from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
+from dscl.methods.base import VIEWS, Method, StepOutput, check_augment, method_backbone
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, ProjectionHead
 
@@ -49,21 +49,6 @@ class BCLSettings:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
         check_augment(self)
-
-
-AUGMENTS = ("authors", "stage1")  # bcl.augment and paco.augment
-
-
-def check_augment(settings) -> None:
-    """The ``augment`` and RandAugment settings shared by BCL and PaCo."""
-    if settings.augment not in AUGMENTS:
-        raise ConfigError(f"augment: {settings.augment!r} is not one of {', '.join(AUGMENTS)}")
-    if settings.randaugment_ops < 0:
-        raise ConfigError(f"randaugment_ops: must not be negative, got {settings.randaugment_ops}")
-    if not 0 <= settings.randaugment_magnitude <= 30:
-        raise ConfigError(
-            f"randaugment_magnitude: must be in 0..30, got {settings.randaugment_magnitude}"
-        )
 
 
 class BCLModel(nn.Module):

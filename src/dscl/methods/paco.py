@@ -23,8 +23,7 @@ from dscl import dist
 from dscl.data.named_views import MOCO_VIEW, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import PaCoLoss
-from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
-from dscl.methods.bcl import check_augment
+from dscl.methods.base import VIEWS, Method, StepOutput, check_augment, method_backbone
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, ContrastiveModel
 
