@@ -33,6 +33,8 @@ from dscl.study import (
     cell_name,
     cell_state,
     load_study,
+    only_cells,
+    parse_only,
     parse_shard,
     run_study,
     safe_value,
@@ -447,6 +449,64 @@ def test_shards_and_skipping(tmp_path: Path):
     assert ran == []
 
 
+def test_only_runs_the_selected_axis_values(tmp_path: Path, capsys):
+    axes = {
+        "seed": [0, 1],
+        "method": ["ce", "dscl", "bcl"],
+        "data.crop_scale": [[0.2, 1.0], [0.5, 1.0]],
+    }
+    path = write_study(tmp_path, axes=axes)
+    study = load_study(path)
+    chosen = parse_only(["method=ce,bcl", "seed=1"], study)
+    assert chosen == {"method": {"ce", "bcl"}, "seed": {"1"}}
+    names = [c.name for c in only_cells(study.cells, chosen)]
+    assert (
+        names
+        == [
+            c.name
+            for c in study.cells
+            if c.settings["method"] in ("ce", "bcl") and c.settings["seed"] == 1
+        ]
+        and len(names) == 4
+    )
+    # commas inside brackets belong to the value; a repeated key adds values
+    assert parse_only(["data.crop_scale=[0.2, 1.0],[0.5, 1.0]"], study) == {
+        "data.crop_scale": {"[0.2, 1.0]", "[0.5, 1.0]"}
+    }
+    assert parse_only(["method=ce", "method=dscl"], study) == {"method": {"ce", "dscl"}}
+    assert only_cells(study.cells, {}) == study.cells
+    for bad, fragment in [
+        ("method", "expected KEY=VALUE"),
+        ("method=", "expected KEY=VALUE"),
+        ("lr=0.1", "'lr' is not an axis of study s (axes: seed, method, data.crop_scale)"),
+        ("method=paco", "'paco' is not a value of axis 'method' (values: ce, dscl, bcl)"),
+        ("seed=0,3", "'3' is not a value of axis 'seed'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            parse_only([bad], study)
+    # the command: exit 2, one line naming the argument, nothing run
+    assert main(["study", "--config", str(path), "--only", "method=sgd"]) == 2
+    assert "--only method=sgd" in capsys.readouterr().err
+    assert not study.study_dir.exists()
+
+    ran: list[str] = []
+
+    def fake_runner(study, cell):
+        ran.append(cell.name)
+        fabricate(study, cell, 50.0 + cell.index)
+        return {}
+
+    assert run_study(str(path), only=["method=dscl"], shard="0/2", runner=fake_runner) == 0
+    assert ran == [
+        c.name for c in study.cells if c.settings["method"] == "dscl" and c.index % 2 == 0
+    ]
+    results = json.loads((tmp_path / "results" / "s" / "results.json").read_text())
+    assert results["finished"] == len(ran) and len(results["missing"]) == 12 - len(ran)
+    ran.clear()
+    assert run_study(str(path), only=["method=dscl"], runner=fake_runner) == 0  # the rest of dscl
+    assert ran == [c.name for c in study.cells if c.settings["method"] == "dscl" and c.index % 2]
+
+
 def test_cell_command_resumes_automatically_whatever_the_folder(tmp_path: Path):
     study = load_study(write_study(tmp_path, axes={"method": ["ce"]}))
     cell = study.cells[0]
@@ -482,12 +542,15 @@ def test_shipped_study_config_validates():
     assert study.cells[0].config.pretrain.knn_every == 5
     assert {c.config.threads for c in study.cells} == {1}
     paper = load_study("study_fashion_mnist_lt_paper")
-    assert [c.name for c in paper.cells[:4]] == [
+    assert [c.name for c in paper.cells[:6]] == [
         "seed-0_method-ce",
         "seed-0_method-supcon",
         "seed-0_method-dscl",
         "seed-0_method-dscl+pbsd",
+        "seed-0_method-bcl",
+        "seed-0_method-paco",
     ]  # seed-major: every finished prefix of seeds is a complete paired comparison
+    assert len(paper.cells) == 18
     cfg = paper.cells[3].config
     assert (cfg.pretrain.epochs, cfg.pretrain.warmup_epochs) == (200, 10)
     assert (cfg.classifier.epochs, cfg.classifier.milestones) == (40, [20, 30])

@@ -3,6 +3,7 @@
     dscl study --config study_fashion_mnist_lt            # run (or continue) every cell
     dscl study --config my_study.yaml --jobs 2            # two cells side by side
     dscl study --config my_study.yaml --shard 1/3         # cells 1, 4, 7, ... on this machine
+    dscl study --config my_study.yaml --only method=ce,dscl   # only the cells of these methods
     dscl study --config my_study.yaml --report-only       # aggregate what has finished
 
 The study folder ``<output_dir>/<name>/`` holds ``study.yaml`` (the study as resolved), one run
@@ -35,6 +36,8 @@ from dscl.study.runner import (
     collect_cell,
     committed_dir,
     log_tail,
+    only_cells,
+    parse_only,
     parse_shard,
     run_cell,
     run_cells,
@@ -57,6 +60,8 @@ __all__ = [
     "cmd_study",
     "collect_cell",
     "load_study",
+    "only_cells",
+    "parse_only",
     "parse_shard",
     "results_markdown",
     "run_cell",
@@ -85,6 +90,13 @@ def add_study_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p.add_argument("--shard", metavar="i/n", help="run only cells i, i+n, i+2n, ... (0-based)")
     p.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="run only the cells with these values of axis KEY (repeatable; with --shard: the "
+        "shard's cells among them); the report still covers every finished cell",
+    )
+    p.add_argument(
         "--results",
         metavar="DIR",
         help="the results folder (default: the study file's `results`, else results/<name>)",
@@ -111,6 +123,7 @@ def run_study(
     config: str,
     *,
     shard: str | None = None,
+    only: list[str] | None = None,
     jobs: int = 1,
     results: str | Path | None = None,
     report_only: bool = False,
@@ -122,6 +135,7 @@ def run_study(
     Args:
         config: the study file (path or shipped name).
         shard: ``"i/n"`` to run every n-th cell starting at cell i.
+        only: ``KEY=V1,V2`` texts: run only the cells with these axis values.
         jobs: how many cells run at once (each with the study's ``threads``).
         results: the results folder, instead of the study file's.
         report_only: run nothing; aggregate the cells that have finished (in the results
@@ -140,6 +154,7 @@ def run_study(
     study = load_study(config)  # every cell's config is validated here, before anything runs
     if results is not None:
         study.results_dir = Path(results)
+    chosen = parse_only(only, study)
     states = {cell.name: cell_state(study, cell) for cell in study.cells}  # refuses changes
     if report_only and not study.study_dir.is_dir() and not study.results_dir.is_dir():
         raise RunFolderError(
@@ -158,8 +173,11 @@ def run_study(
                 f"{cores} cores here; the cells will slow each other down",
                 file=stream,
             )
-        todo = shard_cells(study.cells, selected)
-        label = study.name if shard is None else f"{study.name} (shard {shard})"
+        todo = only_cells(shard_cells(study.cells, selected), chosen)
+        parts = ([f"shard {shard}"] if shard is not None else []) + [
+            f"--only {t}" for t in only or []
+        ]
+        label = f"{study.name} ({', '.join(parts)})" if parts else study.name
         previous = _sigterm_as_interrupt()
         try:
             skipped = run_cells(
@@ -219,6 +237,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run_study(
         args.config,
         shard=args.shard,
+        only=args.only,
         jobs=args.jobs,
         results=args.results,
         report_only=args.report_only,

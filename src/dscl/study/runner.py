@@ -228,6 +228,59 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
     return [cell for cell in cells if cell.index % n == i]
 
 
+def parse_only(texts: list[str] | None, study: Study) -> dict[str, set[str]]:
+    """``--only`` arguments (``KEY=V1,V2``, repeatable) -> {axis: the value texts to run}.
+
+    Each key must be an axis of the study and each value one of that axis's values as written
+    in a ``key=value`` override (``value_text``); commas inside brackets or braces belong to the
+    value (``lr=[0.1, 0.2],[0.3, 0.4]`` is two values). Repeating a key adds values.
+    """
+    selected: dict[str, set[str]] = {}
+    for text in texts or []:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ConfigError(f"--only {text}: expected KEY=VALUE[,VALUE...], e.g. method=ce,dscl")
+        if key not in study.axes:
+            raise ConfigError(
+                f"--only {text}: {key!r} is not an axis of study {study.name} "
+                f"(axes: {', '.join(study.axes)})"
+            )
+        known = [value_text(value) for value in study.axes[key]]
+        for value in _top_level_split(values):
+            if value not in known:
+                raise ConfigError(
+                    f"--only {text}: {value!r} is not a value of axis {key!r} "
+                    f"(values: {', '.join(known)})"
+                )
+            selected.setdefault(key, set()).add(value)
+    return selected
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and braces, each part stripped."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [part for part in parts if part]
+
+
+def only_cells(cells: list[Cell], only: dict[str, set[str]]) -> list[Cell]:
+    """The cells whose value on every ``--only`` axis is one of the selected (all without)."""
+    return [
+        cell
+        for cell in cells
+        if all(value_text(cell.settings[key]) in values for key, values in only.items())
+    ]
+
+
 def write_study_file(study: Study, folder: Path | None = None) -> Path:
     """Write the resolved study (``study.yaml``) into ``folder`` (default: the study folder)."""
     folder = study.study_dir if folder is None else folder
