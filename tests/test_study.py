@@ -473,6 +473,7 @@ def test_only_runs_the_selected_axis_values(tmp_path: Path, capsys):
     assert parse_only(["data.crop_scale=[0.2, 1.0],[0.5, 1.0]"], study) == {
         "data.crop_scale": {"[0.2, 1.0]", "[0.5, 1.0]"}
     }
+    assert parse_only(["data.crop_scale=[0.2,1.0]"], study) == {"data.crop_scale": {"[0.2, 1.0]"}}
     assert parse_only(["method=ce", "method=dscl"], study) == {"method": {"ce", "dscl"}}
     assert only_cells(study.cells, {}) == study.cells
     for bad, fragment in [
@@ -481,6 +482,7 @@ def test_only_runs_the_selected_axis_values(tmp_path: Path, capsys):
         ("lr=0.1", "'lr' is not an axis of study s (axes: seed, method, data.crop_scale)"),
         ("method=paco", "'paco' is not a value of axis 'method' (values: ce, dscl, bcl)"),
         ("seed=0,3", "'3' is not a value of axis 'seed'"),
+        ("method=[ce", "cannot read the values as YAML"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             parse_only([bad], study)

@@ -231,9 +231,9 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 def parse_only(texts: list[str] | None, study: Study) -> dict[str, set[str]]:
     """``--only`` arguments (``KEY=V1,V2``, repeatable) -> {axis: the value texts to run}.
 
-    Each key must be an axis of the study and each value one of that axis's values as written
-    in a ``key=value`` override (``value_text``); commas inside brackets or braces belong to the
-    value (``lr=[0.1, 0.2],[0.3, 0.4]`` is two values). Repeating a key adds values.
+    Each key must be an axis of the study. The values are read as one YAML flow sequence, as a
+    ``key=value`` override reads its value (``lr=[0.1, 0.2],[0.3, 0.4]`` is two values), and each
+    must be one of the axis's values (compared as ``value_text``). Repeating a key adds values.
     """
     selected: dict[str, set[str]] = {}
     for text in texts or []:
@@ -246,8 +246,12 @@ def parse_only(texts: list[str] | None, study: Study) -> dict[str, set[str]]:
                 f"--only {text}: {key!r} is not an axis of study {study.name} "
                 f"(axes: {', '.join(study.axes)})"
             )
+        try:
+            parsed = yaml.safe_load(f"[{values}]")
+        except yaml.YAMLError:
+            raise ConfigError(f"--only {text}: cannot read the values as YAML") from None
         known = [value_text(value) for value in study.axes[key]]
-        for value in _top_level_split(values):
+        for value in map(value_text, parsed):
             if value not in known:
                 raise ConfigError(
                     f"--only {text}: {value!r} is not a value of axis {key!r} "
@@ -255,21 +259,6 @@ def parse_only(texts: list[str] | None, study: Study) -> dict[str, set[str]]:
                 )
             selected.setdefault(key, set()).add(value)
     return selected
-
-
-def _top_level_split(text: str) -> list[str]:
-    """``text`` split at the commas outside brackets and braces, each part stripped."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        if char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return [part for part in parts if part]
 
 
 def only_cells(cells: list[Cell], only: dict[str, set[str]]) -> list[Cell]:
