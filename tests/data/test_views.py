@@ -103,8 +103,8 @@ def test_color_ops_match_torchvision():
     torch.testing.assert_close(color_ops.gaussian_blur(x, sigmas, 5), expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_apply_color_uses_each_images_own_order_and_masks(masked):
+@pytest.mark.parametrize("way", ["subset", "masked", "per_image"])
+def test_apply_color_uses_each_images_own_order_and_masks(way):
     torch.manual_seed(1)
     x = torch.rand(3, 3, 8, 8)
     params = color_ops.ColorParams(
@@ -129,7 +129,7 @@ def test_apply_color_uses_each_images_own_order_and_masks(masked):
             img = TF.gaussian_blur(img, [3, 3], [float(params.sigma[i])] * 2)
         expected.append(img)
     torch.testing.assert_close(
-        color_ops.apply_color(x, params, 3, masked=masked), torch.stack(expected), atol=1e-5, rtol=0
+        color_ops.apply_color(x, params, 3, way=way), torch.stack(expected), atol=1e-5, rtol=0
     )
 
 
@@ -139,14 +139,37 @@ def test_masked_colour_path_equals_subset_path_without_reading_the_selection(mon
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(64, 3, 12, 12, generator=gen)
     params = color_ops.draw_color(64, 0.1, 0.8, 0.2, 0.5, gen, torch.device("cpu"))
-    subset = color_ops.apply_color(x, params, 3, masked=False)
+    subset = color_ops.apply_color(x, params, 3, way="subset")
 
     def no_nonzero(*args, **kwargs):
         raise AssertionError("nonzero called on the masked path")
 
     monkeypatch.setattr(torch.Tensor, "nonzero", no_nonzero)
-    masked = color_ops.apply_color(x, params, 3, masked=True)
+    masked = color_ops.apply_color(x, params, 3, way="masked")
     torch.testing.assert_close(masked, subset, atol=1e-6, rtol=0)
+
+
+def test_per_image_colour_path_equals_subset_path_on_large_images(monkeypatch):
+    """A CPU colours images of PER_IMAGE_BYTES and more one at a time, in place: the same images as
+    the batched subset path, and the input is left as it was; smaller images stay batched."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(16, 3, 128, 128, generator=gen)  # 192 KiB an image
+    assert x[0].numel() * 4 >= color_ops.PER_IMAGE_BYTES
+    before = x.clone()
+    for hue in (0.1, 0.0):
+        params = color_ops.draw_color(16, hue, 0.8, 0.2, 0.5, gen, torch.device("cpu"))
+        assert params.jitter.any() and params.gray.any() and params.blur.any()
+        subset = color_ops.apply_color(x, params, 13, way="subset")
+        torch.testing.assert_close(color_ops.apply_color(x, params, 13), subset, atol=1e-6, rtol=0)
+        assert torch.equal(x, before)
+    calls = []
+    real = color_ops._apply_per_image
+    monkeypatch.setattr(color_ops, "_apply_per_image", lambda *a: calls.append(1) or real(*a))
+    color_ops.apply_color(x, params, 13)
+    color_ops.apply_color(x[:, :, :32, :32], params, 3)  # 12 KiB images: the subset path
+    assert calls == [1]
+    with pytest.raises(ValueError, match="way must be"):
+        color_ops.apply_color(x, params, 13, way="rows")
 
 
 # ---------------------------------------------------------------- geometry primitives

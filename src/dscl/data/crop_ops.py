@@ -202,4 +202,4 @@ def resample_boxes(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> T
 
 def normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(..., 3, H, W) images minus ``mean``, divided by ``std`` (per channel)."""
-    return (x - x.new_tensor(mean).view(3, 1, 1)) / x.new_tensor(std).view(3, 1, 1)
+    return (x - x.new_tensor(mean).view(3, 1, 1)).div_(x.new_tensor(std).view(3, 1, 1))
