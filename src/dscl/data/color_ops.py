@@ -163,7 +163,8 @@ def apply_color(
     - ``"per_image"``, on a CPU for images of at least ``PER_IMAGE_BYTES``: each image gets its
       own ops in its own order, in place. Large batches of large images are memory-bound on a CPU
       and every batch-sized temporary is a fresh allocation; one image's temporaries stay in the
-      cache and are reused (about 2x on 224 px query views, 4x on keys, one thread).
+      cache and are reused (1.4x on a stage-1 batch at 224 px, one thread:
+      ``benchmarks/color_speed.py``).
     """
     if way is None:
         if x.device.type != "cpu":
