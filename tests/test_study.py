@@ -533,6 +533,23 @@ def test_failed_cell_stops_with_its_log(tmp_path: Path, capsys, monkeypatch):
     assert "dscl: error:" in err and "nowhere" in err  # the tail of the cell's log
     assert (tmp_path / "runs" / "s" / "method-ce" / "stdout.log").is_file()
     assert not (tmp_path / "runs" / "s" / "method-dscl").exists()  # stopped at the first
+    attempts = (tmp_path / "runs" / "s" / "method-ce" / "attempts.jsonl").read_text()
+    (attempt,) = [json.loads(line) for line in attempts.splitlines()]
+    assert attempt["returncode"] == 2 and attempt["wall_s"] > 0
+
+
+def test_wall_time_of_a_cell_over_its_attempts():
+    from dscl.study.results import _wall_text
+
+    assert _wall_text({"wall_s": None}) == "not recorded"
+    # a record from before attempts were counted
+    assert _wall_text({"wall_s": 12.0, "resumed": False}) == "12.0 s"
+    assert _wall_text({"wall_s": 12.0, "resumed": True}) == "12.0 s (resumed: last attempt)"
+    one = {"wall_s": 12.0, "resumed": False, "attempts": 1, "attempts_timed": 1}
+    assert _wall_text({**one, "attempts_wall_s": 12.0}) == "12.0 s"
+    three = {"wall_s": 5.0, "resumed": True, "attempts": 3, "attempts_wall_s": 30.5}
+    assert _wall_text({**three, "attempts_timed": 3}) == "30.5 s in 3 attempts"
+    assert _wall_text({**three, "attempts_timed": 2}) == "at least 30.5 s in 3 attempts (2 timed)"
 
 
 def test_shipped_study_config_validates():
@@ -592,6 +609,8 @@ def test_study_end_to_end_then_rerun_skips(tmp_path: Path, monkeypatch, capsys):
             assert (folder / name / file).is_file(), (name, file)
         record = json.loads((folder / name / "cell.json").read_text())
         assert record["wall_s"] > 0 and record["resumed"] is False
+        assert record["attempts"] == record["attempts_timed"] == 1
+        assert record["attempts_wall_s"] == record["wall_s"]
         top1[name] = json.loads((folder / name / "metrics.json").read_text())["top1"]
         assert "Top-1" in (folder / name / "stdout.log").read_text()
     for name in names:  # the small files are collected, checkpoints are not
@@ -653,6 +672,11 @@ def test_killed_study_resumes_to_completion(tmp_path: Path):
         record = json.loads((folder / "cell.json").read_text())
         assert record["resumed"] is True and "--resume" in record["command"]
         assert (folder / "stdout.log").read_text().count("==== dscl study killed") == 2
+        # the killed attempt left no time: the record and the table say the total is a floor
+        assert record["attempts"] == 2 and record["attempts_timed"] == 1
+        assert record["attempts_wall_s"] == record["wall_s"]
+        page = (tmp_path / "results" / "killed" / "RESULTS.md").read_text()
+        assert f"at least {record['wall_s']:.1f} s in 2 attempts (1 timed)" in page
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["per_class"]) == 10
     results = json.loads((tmp_path / "results" / "killed" / "results.json").read_text())

@@ -149,9 +149,7 @@ PER_IMAGE_BYTES = 3 * 128 * 128 * 4
 time, in place (``apply_color``): measured faster from 128 px, slower at 112 px and below."""
 
 
-def apply_color(
-    x: Tensor, params: ColorParams, blur_kernel: int, way: str | None = None
-) -> Tensor:
+def apply_color(x: Tensor, params: ColorParams, blur_kernel: int, way: str | None = None) -> Tensor:
     """Jitter (per-image random op order), grayscale, blur of (N, 3, H, W) images in [0, 1].
 
     Three ways give the same images (``way`` forces one; tests):

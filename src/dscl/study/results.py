@@ -82,8 +82,8 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
             metrics[cell.name] = m
             entry["metrics"] = {k: m.get(k) for k in METRICS}
             record = read_cell_record(study, cell) or {}
-            entry["wall_s"] = record.get("wall_s")
-            entry["resumed"] = record.get("resumed")
+            for key in ("wall_s", "resumed", "attempts", "attempts_timed", "attempts_wall_s"):
+                entry[key] = record.get(key)
         cells_out.append(entry)
 
     groups: dict[tuple[int, ...], list[Cell]] = {}
@@ -394,10 +394,7 @@ def results_markdown(
         if not entry["finished"]:
             rows.append([f"`{cell.name}`", *("—" for _ in METRICS), "not finished", "—"])
             continue
-        wall = entry.get("wall_s")
-        wall_text = "not recorded" if wall is None else f"{wall:.1f} s"
-        if entry.get("resumed"):
-            wall_text += " (resumed: last attempt)"
+        wall_text = _wall_text(entry)
         values = [_fmt_value(entry["metrics"][k]) for k in METRICS]
         record = read_cell_record(study, cell)
         commit = record.get("git_commit") if record else None
@@ -436,6 +433,21 @@ def results_markdown(
     out += [display_command(cell_command(study, cell)) for cell in study.cells]
     out += ["```", ""]
     return "\n".join(out)
+
+
+def _wall_text(entry: dict) -> str:
+    """A finished cell's wall time: in all when every attempt was timed, else what is known."""
+    wall, attempts = entry.get("wall_s"), entry.get("attempts")
+    if wall is None:
+        return "not recorded"
+    if not isinstance(attempts, int):  # a record from before attempts were counted
+        return f"{wall:.1f} s" + (" (resumed: last attempt)" if entry.get("resumed") else "")
+    if attempts <= 1:
+        return f"{wall:.1f} s"
+    total, timed = entry.get("attempts_wall_s") or wall, entry.get("attempts_timed") or 1
+    if timed >= attempts:
+        return f"{total:.1f} s in {attempts} attempts"
+    return f"at least {total:.1f} s in {attempts} attempts ({timed} timed)"
 
 
 def _fmt_value(value: Any) -> str:

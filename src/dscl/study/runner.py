@@ -41,6 +41,8 @@ from dscl.study.spec import Cell, Study, value_text
 
 LOG_NAME = "stdout.log"
 CELL_NAME = "cell.json"
+ATTEMPTS_NAME = "attempts.jsonl"  # one line per attempt that ended (wall time, exit code)
+ATTEMPT_HEADER = "==== dscl study "  # stdout.log's first line of every attempt
 CLAIMS = "claims"
 LOG_TAIL_LINES = 25
 # A finished cell's small files, the ones copied into the results folder (never checkpoints).
@@ -332,7 +334,11 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     collect its small files into the results folder.
 
     The subprocess's stdout and stderr go to ``<cell>/stdout.log`` (appended, one header line
-    per attempt); ``OMP_NUM_THREADS`` is set to the cell's ``threads``.
+    per attempt); ``OMP_NUM_THREADS`` is set to the cell's ``threads``. Every attempt that ends,
+    finished, failed or stopped, appends its wall time to ``<cell>/attempts.jsonl``; the record
+    sums them (``attempts_wall_s``) and counts the attempts the log shows (``attempts``), so a
+    cell resumed across machines says how long it took in all, and whether an attempt ended
+    without a time (a killed study: ``attempts_timed`` < ``attempts``).
 
     Raises:
         CellFailed: the subprocess failed or left no finished run.
@@ -347,32 +353,42 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     if cell.config.threads is not None:
         env["OMP_NUM_THREADS"] = str(cell.config.threads)
     start = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"==== dscl study {study.name}: {display_command(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-        with _RUNNING_LOCK:
-            _RUNNING.add(proc)
-        try:
-            returncode = proc.wait()
-        except BaseException:  # Ctrl-C or an error here: do not leave the run behind
-            stop_process(proc)
-            raise
-        finally:
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    returncode = None
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"{ATTEMPT_HEADER}{study.name}: {display_command(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
             with _RUNNING_LOCK:
-                _RUNNING.discard(proc)
-    wall = time.perf_counter() - start
+                _RUNNING.add(proc)
+            try:
+                returncode = proc.wait()
+            except BaseException:  # Ctrl-C or an error here: do not leave the run behind
+                stop_process(proc)
+                returncode = proc.returncode
+                raise
+            finally:
+                with _RUNNING_LOCK:
+                    _RUNNING.discard(proc)
+    finally:
+        wall = time.perf_counter() - start
+        _append_attempt(run_dir, started_at, wall, returncode)
     if returncode != 0:
         raise CellFailed(cell, returncode, log_path)
     if cell_state(study, cell) != FINISHED:
         raise CellFailed(cell, returncode, log_path)
+    timed = _read_attempts(run_dir)
     record = {
         "cell": cell.name,
         "settings": cell.settings,
         "wall_s": round(wall, 1),
         "resumed": resumed,
+        "attempts": max(len(timed), _count_attempts(log_path)),
+        "attempts_timed": len(timed),
+        "attempts_wall_s": round(sum(a["wall_s"] for a in timed), 1),
         "command": display_command(cmd),
         "threads": cell.config.threads,
         "git_commit": git_commit(),
@@ -382,6 +398,35 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     atomic_write(run_dir / CELL_NAME, json.dumps(record, indent=1) + "\n")
     collect_cell(study, cell)
     return record
+
+
+def _append_attempt(run_dir: Path, started_at: str, wall: float, returncode: int | None) -> None:
+    line = {"started_at": started_at, "wall_s": round(wall, 1), "returncode": returncode}
+    path = run_dir / ATTEMPTS_NAME
+    before = path.read_text(encoding="utf-8") if path.is_file() else ""
+    atomic_write(path, before + json.dumps(line) + "\n")
+
+
+def _read_attempts(run_dir: Path) -> list[dict]:
+    """The timed attempts of a run folder (a line cut short by a crash is skipped)."""
+    path = run_dir / ATTEMPTS_NAME
+    if not path.is_file():
+        return []
+    attempts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("wall_s"), (int, float)):
+            attempts.append(entry)
+    return attempts
+
+
+def _count_attempts(log_path: Path) -> int:
+    """How many attempts ``stdout.log`` shows (each starts with a header line)."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return sum(line.startswith(ATTEMPT_HEADER) for line in f)
 
 
 def read_cell_record(study: Study, cell: Cell) -> dict | None:
