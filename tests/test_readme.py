@@ -18,9 +18,14 @@ def test_losses_example_runs(tmp_path, capsys):
 
 
 def test_readme_names_only_shipped_configs():
+    """Every `--config X` is a shipped config name, or a path to a file in the repository."""
     shipped = {p.stem for p in (README.parent / "src/dscl/configs").glob("*.yaml")}
-    named = set(re.findall(r"--config ([a-z0-9_]+)(?![.\w])", README.read_text()))
+    named = set(re.findall(r"--config ([a-z0-9_]+)(?![.\w/])", README.read_text()))
     assert named and named <= shipped, named - shipped
+    paths = set(
+        re.findall(r"--config ((?:results|configs|src)/[\w./+-]+\.yaml)", README.read_text())
+    )
+    assert all((README.parent / p).is_file() for p in paths), paths
 
 
 def test_adding_a_method_example_trains_through_the_cli(tmp_path, monkeypatch):
