@@ -644,8 +644,10 @@ def test_study_end_to_end_then_rerun_skips(tmp_path: Path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_killed_study_resumes_to_completion(tmp_path: Path):
-    """SIGKILL to the study's process group mid-cell; the same command then completes it."""
+@pytest.mark.parametrize("stop", ["kill", "term"])
+def test_killed_study_resumes_to_completion(tmp_path: Path, stop: str):
+    """SIGKILL to the study's process group mid-cell (``kill``), or SIGTERM to the study alone,
+    which stops its cell with a checkpoint (``term``); the same command then completes it."""
     overrides = {**TINY, "pretrain.epochs": 4}
     path = write_study(tmp_path, name="killed", overrides=overrides, axes={"method": ["supcon"]})
     folder = tmp_path / "runs" / "killed" / "method-supcon"
@@ -660,10 +662,15 @@ def test_killed_study_resumes_to_completion(tmp_path: Path):
             assert proc.poll() is None, "the study ended before the cell wrote pretrain.pt"
             assert time.monotonic() < deadline, "no pretrain.pt after 60 s"
             time.sleep(0.02)
+        if stop == "term":
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=60) == 75
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     interrupted = not (folder / "metrics.json").is_file()
+    assert interrupted or stop == "kill"  # a stopped study (exit 75) left its cell unfinished
     assert not (folder / "cell.json").is_file()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -672,11 +679,19 @@ def test_killed_study_resumes_to_completion(tmp_path: Path):
         record = json.loads((folder / "cell.json").read_text())
         assert record["resumed"] is True and "--resume" in record["command"]
         assert (folder / "stdout.log").read_text().count("==== dscl study killed") == 2
-        # the killed attempt left no time: the record and the table say the total is a floor
-        assert record["attempts"] == 2 and record["attempts_timed"] == 1
-        assert record["attempts_wall_s"] == record["wall_s"]
         page = (tmp_path / "results" / "killed" / "RESULTS.md").read_text()
-        assert f"at least {record['wall_s']:.1f} s in 2 attempts (1 timed)" in page
+        assert record["attempts"] == 2
+        if stop == "kill":  # the killed attempt left no time: the total is a floor, said so
+            assert record["attempts_timed"] == 1
+            assert record["attempts_wall_s"] == record["wall_s"]
+            assert f"at least {record['wall_s']:.1f} s in 2 attempts (1 timed)" in page
+        else:  # both attempts timed: the total is their sum
+            attempts = (folder / "attempts.jsonl").read_text().splitlines()
+            first = json.loads(attempts[0])
+            assert record["attempts_timed"] == 2 and first["returncode"] != 0
+            total = record["attempts_wall_s"]
+            assert total == pytest.approx(first["wall_s"] + record["wall_s"], abs=0.11)
+            assert f"| {total:.1f} s in 2 attempts |" in page
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["per_class"]) == 10
     results = json.loads((tmp_path / "results" / "killed" / "results.json").read_text())
