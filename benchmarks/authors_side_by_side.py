@@ -111,7 +111,8 @@ def _stub_missing_module(name: str, reason: str, **attrs: object) -> None:
     _patched(f"sys.modules[{name!r}]: empty stub, the package is not installed; {reason}")
 
 
-def _load_module(name: str, path: Path, package_dir: Path | None = None) -> types.ModuleType:
+def load_module(name: str, path: Path, package_dir: Path | None = None) -> types.ModuleType:
+    """The module at ``path`` (a file outside this project), imported under ``name``."""
     spec = importlib.util.spec_from_file_location(
         name, path, submodule_search_locations=[str(package_dir)] if package_dir else None
     )
@@ -143,7 +144,7 @@ def import_authors(path: Path) -> AuthorsCode:
     _stub_missing_module(
         "click", "main.py imports it for main()'s overwrite prompt, which is not run here"
     )
-    package = _load_module("authors_dscl", path / "dscl/__init__.py", path / "dscl")
+    package = load_module("authors_dscl", path / "dscl/__init__.py", path / "dscl")
     model = importlib.import_module("authors_dscl.DSCL")
     loader = importlib.import_module("authors_dscl.loader_roi")
     data = importlib.import_module("authors_dscl.ImageNet_LT")
@@ -158,7 +159,7 @@ def import_authors(path: Path) -> AuthorsCode:
         del sys.modules[key]
     sys.modules.update(theirs)
     try:
-        main = _load_module("authors_main", path / "main.py")
+        main = load_module("authors_main", path / "main.py")
     finally:
         for key in theirs:
             sys.modules.pop(key, None)

@@ -18,32 +18,22 @@ the same images as "subset".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from authors_side_by_side import load_module  # scripts beside this one
+from views_speed import median_ms
 
 from dscl.data import color_ops
 from dscl.data.crop_ops import normalise
-from dscl.data.views import P_BLUR, P_GRAY, P_JITTER, QUERY_HUE
+from dscl.data.views import P_BLUR, P_GRAY, P_JITTER, QUERY_HUE, ViewConfig
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BLUR_MIN = ViewConfig().blur_min_size
 CPU = torch.device("cpu")
-
-
-def load_module(name: str, path: Path):
-    """A module of another checkout, by file, under a name of its own."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_batch(args) -> list[tuple[torch.Tensor, color_ops.ColorParams, int]]:
@@ -56,13 +46,13 @@ def make_batch(args) -> list[tuple[torch.Tensor, color_ops.ColorParams, int]]:
         (
             views[0],
             color_ops.draw_color(b, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, gen, CPU),
-            color_ops.blur_kernel_size(view, 16),
+            color_ops.blur_kernel_size(view, BLUR_MIN),
         ),
         (views[1], color_ops.draw_color(b, 0.0, 1.0, 0.0, 0.0, gen, CPU), 0),
         (
             patches,
             color_ops.draw_color(5 * b, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, gen, CPU),
-            color_ops.blur_kernel_size(patch, 16),
+            color_ops.blur_kernel_size(patch, BLUR_MIN),
         ),
     ]
 
@@ -79,15 +69,8 @@ def finisher(apply, norm, way: str | None = None):
 
 def child_ms(args, way: str) -> float:
     """Median ms an image of ``way`` over ``--repeats`` batches, after one, in this process."""
-    fn = ways_of(args)[way]
-    batch = make_batch(args)
-    fn(batch)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times) / args.batch
+    fn, batch = ways_of(args)[way], make_batch(args)
+    return median_ms(lambda: fn(batch), args.repeats) / args.batch
 
 
 def ways_of(args) -> dict:

@@ -33,14 +33,12 @@ float32 - every loss within 2.3e-7 (value) and 9.3e-7 (gradients).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from authors_side_by_side import authors_revision  # a script beside this one
+from authors_side_by_side import authors_revision, load_module  # a script beside this one
 
 from dscl.losses import BalancedContrastiveLoss, BCLLoss, LogitAdjustedCrossEntropy, PaCoLoss
 
@@ -89,13 +87,7 @@ def _patched(line: str) -> None:
 def _load(name: str, path: Path) -> types.ModuleType:
     if not path.is_file():
         raise SystemExit(f"missing {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(name, path)
 
 
 def _torch_proxy(label: str, **replaced: object) -> types.ModuleType:
