@@ -171,12 +171,12 @@ def apply_color(x: Tensor, params: ColorParams, blur_kernel: int, way: str | Non
             way = "per_image"
         else:
             way = "subset"
-    if way == "per_image":
-        return _apply_per_image(x.clone(), params, blur_kernel)
-    if way not in ("masked", "subset"):
+    if way not in ("masked", "subset", "per_image"):
         raise ValueError(f"way must be 'masked', 'subset' or 'per_image', got {way!r}")
-    apply = _apply_where if way == "masked" else _apply_subset
     x = x.clone()
+    if way == "per_image":
+        return _apply_per_image(x, params, blur_kernel)
+    apply = _apply_where if way == "masked" else _apply_subset
     for step in range(4):
         for op in range(4 if params.use_hue else 3):
             selected = params.jitter & (params.order[:, step] == op)
