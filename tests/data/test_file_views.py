@@ -192,6 +192,33 @@ def test_every_mode_decodes_to_the_pixels_to_rgb_gives(tmp_path):
         assert torch.equal(decode_rgb(str(path)), pil_tensor(load_rgb(str(path)))), name
 
 
+def test_without_torchvisions_decoder_files_decode_with_pil(tmp_path, monkeypatch):
+    """torchvision deprecates its image decoders (0.29) and will remove them: without
+    ``decode_jpeg`` every file decodes through PIL to the same pixels, a bad file still stops
+    with its message, and decoding on the device is refused naming the key."""
+    import torchvision.io
+
+    from dscl.data.decode import jpeg_decoder
+    from dscl.data.device_decode import DeviceDecoder
+    from dscl.errors import SetupError
+
+    paths = [save_jpeg(tmp_path / "a.jpg", 45, 70)]
+    for name, image in _modes(tmp_path):
+        image.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    before = [decode_rgb(path) for path in paths]
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    assert jpeg_decoder() is None
+    for path, pixels in zip(paths, before, strict=True):
+        assert torch.equal(decode_rgb(path), pixels), path
+    truncated = _bad_files(tmp_path)[1]
+    assert _message(lambda: decode_rgb(truncated)) == _message(
+        lambda: ImageFileDataset([truncated], [0], ["a"])[0]
+    )
+    with pytest.raises(SetupError, match=r"^data\.decode_on_device: "):
+        DeviceDecoder("views", ViewConfig(view_size=32), CPU)
+
+
 def test_jpeg_draft_decodes_at_a_dct_scale(tmp_path):
     path = save_jpeg(tmp_path / "big.jpg", 300, 400)
     assert decode_rgb(path, 0).shape == (3, 300, 400)

@@ -15,6 +15,7 @@ the crops are then taken from a smaller image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -144,11 +145,28 @@ def decode_rgb(path: str, draft_side: int = 0) -> Tensor:
     return load_pil(path, draft_side)
 
 
-def decode_jpeg_bytes(data: bytearray) -> Tensor | None:
-    """torchvision's libjpeg-turbo decode of ``data`` to RGB, or None when it refuses it."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+def jpeg_decoder():
+    """torchvision's ``decode_jpeg`` as ``decode(data, device=...)`` → RGB uint8, or None when
+    this torchvision has none.
 
+    torchvision deprecates its image decoders from 0.29 on (in favour of TorchCodec) and will
+    remove them; without them the fast path decodes every file with PIL (the same libjpeg-turbo,
+    the same pixels, somewhat slower) and ``data.decode_on_device`` is refused.
+    """
     try:
-        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return partial(decode_jpeg, mode=ImageReadMode.RGB)
+
+
+def decode_jpeg_bytes(data: bytearray) -> Tensor | None:
+    """torchvision's libjpeg-turbo decode of ``data`` to RGB, or None when it refuses it (or has
+    no decoder: ``jpeg_decoder``)."""
+    decode = jpeg_decoder()
+    if decode is None:
+        return None
+    try:
+        return decode(torch.frombuffer(data, dtype=torch.uint8))
+    except RuntimeError:  # a file it refuses, or a torchvision built without its image library
         return None

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from dscl.data.crop_ops import CROP_RATIO, crop_resize, normalise, resample_boxes
-from dscl.data.decode import decode_rgb, jpeg_header, read_bytes
+from dscl.data.decode import decode_rgb, jpeg_decoder, jpeg_header, read_bytes
 from dscl.data.fileviews import (
     CLASSIFY,
     VIEWS,
@@ -36,6 +36,7 @@ from dscl.data.fileviews import (
     to_planes,
 )
 from dscl.data.views import ALL_VIEWS, ViewConfig, ViewRequest, to_device
+from dscl.errors import SetupError
 
 
 class JpegBytes(Dataset):
@@ -84,18 +85,22 @@ class DeviceDecoder:
         self, kind: str, cfg: ViewConfig, device: torch.device, request: ViewRequest = ALL_VIEWS
     ) -> None:
         self.kind, self.cfg, self.device, self.request = kind, cfg, device, request
+        self.decode_jpeg = jpeg_decoder()
+        if self.decode_jpeg is None:
+            raise SetupError(
+                "data.decode_on_device: this torchvision has no decode_jpeg (its image decoders "
+                "are deprecated from 0.29 on); set data.decode_on_device=false"
+            )
 
     def decode(self, items: list[dict]) -> list[Tensor | None]:
         """(3, H, W) uint8 on the device for every JPEG item (None for the others)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         jpegs = [i for i, item in enumerate(items) if "jpeg" in item]
         images: list[Tensor | None] = [None] * len(items)
         if not jpegs:
             return images
         data = [items[i]["jpeg"] for i in jpegs]
         try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            decoded = self.decode_jpeg(data, device=self.device)
         except RuntimeError:  # one bad file fails the batch: decode one by one
             decoded = [self._one(items[i]) for i in jpegs]
         for i, image in zip(jpegs, decoded, strict=True):
@@ -103,10 +108,8 @@ class DeviceDecoder:
         return images
 
     def _one(self, item: dict) -> Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
-            return decode_jpeg(item["jpeg"], mode=ImageReadMode.RGB, device=self.device)
+            return self.decode_jpeg(item["jpeg"], device=self.device)
         except RuntimeError:  # the CPU decoders' verdict: their pixels, or their DataError
             return decode_rgb(item["path"]).to(self.device)
 
