@@ -936,3 +936,25 @@ def test_a_study_is_compared_with_other_budgets(tmp_path: Path):
     assert "| dscl | 7 | 2 | 72.00 ± 2.83 | 36.00 ± 1.41 |" in page
     assert (tmp_path / "results" / "long" / "budget.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "results" / "short" / "budget.png").exists()  # it compares nothing
+
+
+def test_progress_line_says_what_its_estimate_covers():
+    """The estimate is the grid's remaining cells (the starting one included) at the mean time
+    of the cells finished so far, divided among the jobs."""
+    import io
+    from types import SimpleNamespace
+
+    from dscl.study.runner import Progress
+
+    out = io.StringIO()
+    progress = Progress(total=5, done=0, label="s", stream=out)
+    cells = [SimpleNamespace(name=f"c{i}") for i in range(3)]
+    progress.start(cells[0])
+    progress.finish(cells[0], 60.0)
+    progress.start(cells[1])
+    progress.finish(cells[1], 120.0)
+    progress.start(cells[2], jobs=2)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "study s: [1/5] c0: running"  # nothing measured yet: no estimate
+    eta = "3 cells left at 1 min 30 s each: about 2 min 15 s"  # 3 x 90 s over 2 jobs
+    assert lines[-1] == f"study s: [3/5] c2: running; {eta}"

@@ -586,9 +586,12 @@ class Progress:
                 self.bar.set_postfix_str(", ".join(self.running), refresh=True)
                 return
             eta = ""
-            if self.spent:
-                left = (self.total - self.done) * sum(self.spent) / len(self.spent) / jobs
-                eta = f", ETA {_duration(left)}"
+            if self.spent:  # the grid's remaining cells (this one included) at the mean so far
+                cells, mean = self.total - self.done, sum(self.spent) / len(self.spent)
+                eta = (
+                    f"; {cells} cell{'s' if cells != 1 else ''} left at {_duration(mean)} "
+                    f"each: about {_duration(cells * mean / jobs)}"
+                )
             position = self.done + len(self.running)
             self._print(f"[{position}/{self.total}] {cell.name}: running{note}{eta}")
 
