@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dscl.engine import runtime
@@ -29,3 +30,26 @@ def test_bf16_on_a_cpu_with_native_support_is_quiet(monkeypatch, capsys):
         monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
         assert runtime.amp_dtype("bf16", CPU) == torch.bfloat16
         assert capsys.readouterr().err == ""
+
+
+def test_device_choice_and_its_errors(monkeypatch):
+    """``device`` names a device this machine has, or the run stops with a SetupError (exit 2)
+    naming the key; ``auto`` and a bare ``cuda`` give this process's GPU."""
+    from dscl.errors import SetupError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.select_device("auto") == CPU and runtime.select_device("cpu") == CPU
+    for spec, pattern in [
+        ("cuda", r"^device: 'cuda' requested but CUDA is not available here"),
+        ("cuda:0", r"^device: 'cuda:0' requested but CUDA is not available here"),
+        ("gpu", r"^device: 'gpu' is not a device; use auto, cpu, cuda or cuda:N$"),
+    ]:
+        with pytest.raises(SetupError, match=pattern):
+            runtime.select_device(spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime.select_device("auto", local_rank=3) == torch.device("cuda", 1)
+    assert runtime.select_device("cuda", local_rank=2) == torch.device("cuda", 0)
+    assert runtime.select_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SetupError, match=r"^device: 'cuda:2' requested but this machine has 2 GPU"):
+        runtime.select_device("cuda:2")

@@ -31,11 +31,24 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise SetupError(
+            f"device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {spec!r} requested but CUDA is not available")
+        raise SetupError(
+            f"device: {spec!r} requested but CUDA is not available here (torch "
+            f"{torch.__version__}); use device=auto or device=cpu"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise SetupError(
+            f"device: {spec!r} requested but this machine has {torch.cuda.device_count()} "
+            "GPU(s) (cuda:0 is the first)"
+        )
     return device
 
 
