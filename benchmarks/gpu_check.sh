@@ -15,6 +15,8 @@
 #                    is the compile; images/s against the bf16 table is what it buys).
 # Every table goes to OUT_DIR (default gpu_check/), at most seven files and no folders (what a lent
 # machine's output folder gives back); the run folder goes to a temporary folder.
+# The limits add up to 8 minutes (a lent machine's call may run 10): call it with a time limit
+# of 9 minutes or more, e.g. timeout_s=540.
 # Without a GPU only file_loader runs, at a toy size on the CPU (a check that the script works).
 # Imports dscl from src/ (no install: the lent machine has its own torch and no network).
 set -uo pipefail
@@ -63,10 +65,10 @@ torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version
   step file_loader 120 file_loader.md "$py" benchmarks/file_loader.py --e2e-only --repeats 1 \
     --files 2048 --backbone resnet50 --batch-size 256 --device cuda --workers "$cores" \
     --modes per_sample fast fast+device_decode
-  step tests 90 tests.txt "$py" -m pytest -q -p no:cacheprovider tests/test_dist.py tests/engine
-  step throughput_off 75 throughput.md \
+  step tests 60 tests.txt "$py" -m pytest -q -p no:cacheprovider tests/test_dist.py tests/engine
+  step throughput_off 60 throughput.md \
     "$py" "${bench[@]}" --amp off --setting demo --setting cifar --setting imagenet
-  step compile 120 throughput.md \
+  step compile 90 throughput.md \
     "$py" "${bench[@]}" --amp bf16 --setting cifar --setting imagenet --compile --no-phases
 else
   step file_loader 300 file_loader.md "$py" benchmarks/file_loader.py --e2e-only --repeats 1 \
