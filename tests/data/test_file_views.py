@@ -192,7 +192,7 @@ def test_every_mode_decodes_to_the_pixels_to_rgb_gives(tmp_path):
         assert torch.equal(decode_rgb(str(path)), pil_tensor(load_rgb(str(path)))), name
 
 
-def test_without_torchvisions_decoder_files_decode_with_pil(tmp_path, monkeypatch):
+def test_without_torchvisions_decoder_files_decode_with_pil(tmp_path, monkeypatch, jpegs):
     """torchvision deprecates its image decoders (0.29) and will remove them: without
     ``decode_jpeg`` every file decodes through PIL to the same pixels, a bad file still stops
     with its message, and decoding on the device is refused naming the key."""
@@ -217,6 +217,8 @@ def test_without_torchvisions_decoder_files_decode_with_pil(tmp_path, monkeypatc
     )
     with pytest.raises(SetupError, match=r"^data\.decode_on_device: "):
         DeviceDecoder("views", ViewConfig(view_size=32), CPU)
+    with pytest.raises(SetupError, match=r"^data\.decode_on_device: "):  # before any epoch
+        _feed(jpegs, "views", decode_on_device=True, device=torch.device("cuda"))
 
 
 def test_jpeg_draft_decodes_at_a_dct_scale(tmp_path):
@@ -293,8 +295,7 @@ def _feed(dataset, kind, **kw):
         batch_size=2,
         balanced=kind == "classify",
         seed=3,
-        device=CPU,
-        **kw,
+        **{"device": CPU, **kw},
     )
 
 
@@ -467,7 +468,11 @@ def test_the_feed_decodes_on_the_device_only_when_it_is_cuda(jpegs):
     feed = _feed(jpegs, "views", decode_on_device=True)
     assert not feed.device_decode  # a CPU: the workers decode
     plain = list(feed.epoch(0))
-    feed.device_decode = True  # the CUDA code path, with torchvision's CPU decoder
+    assert feed.decoder is None
+    # the CUDA code path, with torchvision's CPU decoder
+    from dscl.data.device_decode import DeviceDecoder
+
+    feed.device_decode, feed.decoder = True, DeviceDecoder("views", feed.view_cfg, CPU)
     forced = list(feed.epoch(0, start=1))
     for a, b in zip(plain[1:], forced, strict=True):
         assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs["boxes"], b.inputs["boxes"])

@@ -114,6 +114,10 @@ class TrainFeed:
         if kind == VIEWS and not request.standard and not request.extra:
             raise ValueError("request: names no view at all")
         self.request = request
+        # made here so that a torchvision without decode_jpeg stops the run before it starts
+        self.decoder = (
+            DeviceDecoder(kind, view_cfg, device, request) if self.device_decode else None
+        )
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -227,10 +231,9 @@ class TrainFeed:
         positions = self._positions(idx, epoch, start)
         seed = _epoch_seed(self.seed, epoch, self.rank)
         if self.device_decode:
-            decoder = DeviceDecoder(self.kind, self.view_cfg, self.device, self.request)
             loader = self._loader(JpegBytes(crops), positions, seed, collate_items)
             for items, labels in _worker_errors(loader):
-                yield Batch(decoder(items), labels.to(self.device, non_blocking=True))
+                yield Batch(self.decoder(items), labels.to(self.device, non_blocking=True))
             return
         if self.device.type == "cpu" and self.num_workers > 0:
             # training on the CPU: the workers are the spare cores, so each finishes its own
