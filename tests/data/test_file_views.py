@@ -472,7 +472,8 @@ def test_the_feed_decodes_on_the_device_only_when_it_is_cuda(jpegs):
     # the CUDA code path, with torchvision's CPU decoder
     from dscl.data.device_decode import DeviceDecoder
 
-    feed.device_decode, feed.decoder = True, DeviceDecoder("views", feed.view_cfg, CPU)
+    feed.decoder = DeviceDecoder("views", feed.view_cfg, CPU)
+    assert feed.device_decode
     forced = list(feed.epoch(0, start=1))
     for a, b in zip(plain[1:], forced, strict=True):
         assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs["boxes"], b.inputs["boxes"])

@@ -104,8 +104,6 @@ class TrainFeed:
             raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
         self.fast_files = file_views == "fast" and isinstance(dataset, ImageFileDataset)
         self.jpeg_draft = jpeg_draft
-        # decoding on the device needs nvJPEG; on a CPU the workers decode (tests force it)
-        self.device_decode = bool(decode_on_device) and device.type == "cuda"
         self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
         if not isinstance(request, ViewRequest):
             raise ValueError(f"request: must be a ViewRequest, got {type(request).__name__}")
@@ -114,10 +112,11 @@ class TrainFeed:
         if kind == VIEWS and not request.standard and not request.extra:
             raise ValueError("request: names no view at all")
         self.request = request
+        # decoding on the device needs nvJPEG, so on a CPU the workers decode (tests set a decoder);
         # made here so that a torchvision without decode_jpeg stops the run before it starts
-        self.decoder = (
-            DeviceDecoder(kind, view_cfg, device, request) if self.device_decode else None
-        )
+        self.decoder: DeviceDecoder | None = None
+        if decode_on_device and device.type == "cuda":
+            self.decoder = DeviceDecoder(kind, view_cfg, device, request)
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -135,6 +134,12 @@ class TrainFeed:
             self.images = dataset.tensor_images().to(device)  # (N, 3, H, W) uint8
             self.labels_on_device = self.targets.to(device)
             self.multiview = BatchedMultiView(view_cfg, request) if kind == VIEWS else None
+
+    @property
+    def device_decode(self) -> bool:
+        """Whether the workers only read the JPEGs' bytes and the main process decodes them on
+        the device (``decode_on_device`` on a CUDA device)."""
+        return self.decoder is not None
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for ``epoch``, ``steps_per_epoch * batch_size`` of them."""
