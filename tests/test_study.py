@@ -738,6 +738,21 @@ def test_committed_results_alone_aggregate_and_a_changed_one_is_refused(tmp_path
         run_study(str(path), report_only=True)
 
 
+def test_results_given_to_one_run_is_not_written_into_the_study_file(tmp_path: Path):
+    # --results redirects one invocation; the study.yaml it writes (committed with the results)
+    # keeps the study file's own folder, so it does not change with the checkout that ran it
+    path = write_study(tmp_path, axes={"method": ["ce"]}, results="results/s")
+    study = load_study(path)
+    fabricate(study, study.cells[0], 50.0)
+    elsewhere = tmp_path / "elsewhere"
+    assert run_study(str(path), results=elsewhere, report_only=True) == 0
+    written = yaml.safe_load((elsewhere / "study.yaml").read_text())
+    assert written["results"] == "results/s"
+    page = (elsewhere / "RESULTS.md").read_text()
+    assert "dscl study --config results/s/study.yaml" in page and str(elsewhere) not in page
+    assert (elsewhere / "method-ce" / "metrics.json").is_file()  # collected where it was told
+
+
 def test_report_only_without_any_folder_is_refused(tmp_path: Path):
     path = write_study(tmp_path, axes={"method": ["ce"]})
     with pytest.raises(RunFolderError, match="no results folder"):

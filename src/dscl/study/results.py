@@ -424,10 +424,10 @@ def results_markdown(
         "## Commands",
         "",
         "The study (`--jobs N` runs N cells side by side; finished cells are collected into "
-        f"`{study.results_dir}`, from which the study continues on any machine):",
+        f"`{study.results_written}`, from which the study continues on any machine):",
         "",
     ]
-    out += ["```", f"dscl study --config {study.results_dir / 'study.yaml'}", "```", ""]
+    out += ["```", f"dscl study --config {Path(study.results_written) / 'study.yaml'}", "```", ""]
     out += ["Each cell (`--resume auto` continues an interrupted cell and starts a fresh one):", ""]
     out.append("```")
     out += [display_command(cell_command(study, cell)) for cell in study.cells]

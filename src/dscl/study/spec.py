@@ -90,7 +90,13 @@ class Study:
     study_dir: Path
     cells: list[Cell]
     results_dir: Path = Path(RESULTS_ROOT)
+    results_text: str | None = None  # ``results`` as the study file says it (``to_yaml`` keeps it)
     compare: list[str] = field(default_factory=list)  # other studies (names or files) by budget
+
+    @property
+    def results_written(self) -> str:
+        """The results folder as the study file names it (what study.yaml and RESULTS.md say)."""
+        return self.results_text if self.results_text is not None else str(self.results_dir)
 
     @property
     def seed_axis(self) -> str | None:
@@ -108,7 +114,9 @@ class Study:
         data["axes"] = {key: list(values) for key, values in self.axes.items()}
         if self.baseline is not None:
             data["baseline"] = dict(self.baseline)
-        data["results"] = str(self.results_dir)
+        # the file's own value: a ``--results`` given to one invocation is not written, so a
+        # committed study.yaml stays the same whichever checkout or folder ran the grid
+        data["results"] = self.results_written
         if self.compare:
             data["compare"] = list(self.compare)
         header = (
@@ -275,6 +283,7 @@ def load_study(path: str | Path) -> Study:
         study_dir=study_dir,
         cells=cells,
         results_dir=Path(results),
+        results_text=results,
         compare=list(compare),
     )
 
