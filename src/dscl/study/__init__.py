@@ -99,7 +99,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument(
         "--results",
         metavar="DIR",
-        help="the results folder (default: the study file's `results`, else results/<name>)",
+        help="this invocation's results folder (default: the study file's `results`, else "
+        "results/<name>); the study.yaml written there keeps the study file's own value",
     )
     p.add_argument(
         "--report-only", action="store_true", help="aggregate the finished cells, run nothing"
