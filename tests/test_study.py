@@ -753,6 +753,29 @@ def test_results_given_to_one_run_is_not_written_into_the_study_file(tmp_path: P
     assert (elsewhere / "method-ce" / "metrics.json").is_file()  # collected where it was told
 
 
+def test_findings_written_by_hand_are_kept_in_results_md(tmp_path: Path):
+    path = write_study(tmp_path, axes={"method": ["ce"]})
+    study = load_study(path)
+    fabricate(study, study.cells[0], 50.0)
+    assert run_study(str(path), report_only=True) == 0
+    page = (study.results_dir / "RESULTS.md").read_text()
+    assert "What it shows" not in page
+    text = "`ce` alone: nothing to compare.\n\n- one cell, one seed.\n"
+    (study.results_dir / "FINDINGS.md").write_text(text)
+    assert run_study(str(path), report_only=True) == 0  # regenerating keeps them
+    page = (study.results_dir / "RESULTS.md").read_text()
+    head, rest = page.split("## What it shows (FINDINGS.md, written by hand)\n\n")
+    assert "Finished: 1 of 1 cells." in head
+    assert rest.startswith(text) and rest.index(text) < rest.index("## Test accuracy")
+    before = (study.results_dir / "results.json").read_bytes()
+    (study.results_dir / "FINDINGS.md").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(RunFolderError, match="FINDINGS.md: cannot read it"):
+        run_study(str(path), report_only=True)
+    assert main(["study", "--config", str(path), "--report-only"]) == 2
+    assert (study.results_dir / "RESULTS.md").read_text() == page  # nothing half-written
+    assert (study.results_dir / "results.json").read_bytes() == before
+
+
 def test_report_only_without_any_folder_is_refused(tmp_path: Path):
     path = write_study(tmp_path, axes={"method": ["ce"]})
     with pytest.raises(RunFolderError, match="no results folder"):

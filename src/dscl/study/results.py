@@ -16,6 +16,7 @@ from typing import Any
 
 from dscl import runfiles
 from dscl.checkpoint import atomic_write
+from dscl.errors import RunFolderError
 from dscl.study.runner import (
     FINISHED,
     cell_command,
@@ -28,6 +29,7 @@ from dscl.study.stats import summarize, t_interval
 
 METRICS = ("top1", "many", "medium", "few")
 LABELS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
+FINDINGS = "FINDINGS.md"  # hand-written sentences in the results folder; RESULTS.md includes them
 CONFIDENCE = 0.95
 MAX_NAMED_CLASSES = 30  # the per-class panel names each class up to this many
 
@@ -184,6 +186,7 @@ def write_results(study: Study, results: dict[str, Any]) -> Path:
         The path of ``RESULTS.md``.
     """
     folder = study.results_dir
+    findings = read_findings(folder)  # before anything is written: an unreadable one stops here
     text = json.dumps(results, indent=1, ensure_ascii=False) + "\n"
     atomic_write(folder / "results.json", text)
     figure = None
@@ -197,8 +200,24 @@ def write_results(study: Study, results: dict[str, Any]) -> Path:
         atomic_write(folder / "budget.png", _budget_png(study, budgets))
     else:
         (folder / "budget.png").unlink(missing_ok=True)
-    page = results_markdown(study, results, figure is not None, budgets)
+    page = results_markdown(study, results, figure is not None, budgets, findings)
     return atomic_write(folder / "RESULTS.md", page)
+
+
+def read_findings(folder: Path) -> str | None:
+    """The hand-written ``FINDINGS.md`` of a results folder (None when it has none).
+
+    The aggregate is rewritten whenever a cell finishes; what a person concluded from it lives in
+    its own file, which ``RESULTS.md`` includes under "What it shows".
+    """
+    path = folder / FINDINGS
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise RunFolderError(f"{path}: cannot read it ({reason})") from None
 
 
 def _stage1_epochs(study: Study) -> int | None:
@@ -305,9 +324,10 @@ def results_markdown(
     results: dict[str, Any],
     with_figure: bool = True,
     budgets: dict[str, Any] | None = None,
+    findings: str | None = None,
 ) -> str:
-    """``RESULTS.md``: tables, figure, the comparison with other budgets, machine, per-cell wall
-    times and commands."""
+    """``RESULTS.md``: the hand-written ``findings`` (if any), tables, figure, the comparison
+    with other budgets, machine, per-cell wall times and commands."""
     axes = [k for k in study.axes if k != study.seed_axis]
     out = [f"# Study `{study.name}`", ""]
     if study.description:
@@ -320,6 +340,8 @@ def results_markdown(
     if results["missing"]:
         out.append("Missing: " + ", ".join(f"`{name}`" for name in results["missing"]) + ".")
     out.append("")
+    if findings is not None and findings.strip():
+        out += [f"## What it shows ({FINDINGS}, written by hand)", "", findings.strip(), ""]
 
     over = f"over {study.seed_axis}s" if study.seed_axis else "(one run per setting)"
     out += [f"## Test accuracy (%), mean ± sample std {over}", ""]
