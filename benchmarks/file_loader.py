@@ -287,7 +287,12 @@ def train_rate(root: Path, out: Path, name: str, mode: str, args) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, help="a folder made by this script (train/, test/)")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        help="a folder made by this script (train/, test/); a new or empty one is made here and "
+        "kept, so later runs time the same files",
+    )
     parser.add_argument("--files", type=int, default=300, help="JPEGs to make (default 300)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--authors", type=Path, help="a checkout of github.com/SY-Xuan/DSCL")
@@ -318,9 +323,14 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="dscl_file_loader_") as tmp:
         root = args.folder or Path(tmp) / "jpegs"
-        if args.folder is None:
+        if args.folder is None or not root.exists() or not any(root.iterdir()):
             make_folder(root, args.files)
         files = train_files(root)
+        if not files:
+            parser.error(
+                f"--folder {root}: no files under {root / 'train'}; give a folder this "
+                "script made, or a new path"
+            )
         sizes = [os.path.getsize(f) for f in files]
         print(f"{len(files)} JPEGs in {root}, mean {statistics.mean(sizes) / 1e3:.0f} kB")
         if not args.e2e_only:
