@@ -103,21 +103,6 @@ def test_color_ops_match_torchvision():
     torch.testing.assert_close(color_ops.gaussian_blur(x, sigmas, 5), expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("size,kernel", [(8, 3), (64, 7), (128, 13), (224, 23), (37, 5)])
-def test_one_image_blur_equals_the_convolution(size, kernel):
-    """The shifted-sum blur of the one-image colour path: torchvision's blur (the formula's
-    reference) and the batched convolution, on square and non-square images."""
-    gen = torch.Generator().manual_seed(size)
-    for sigma in (0.1, 0.9, 2.0):
-        x = torch.rand(1, 3, size, size + 3, generator=gen)
-        s = torch.tensor([sigma])
-        ours = color_ops.gaussian_blur_one(x, s, kernel)
-        torch.testing.assert_close(ours, color_ops.gaussian_blur(x, s, kernel), atol=1e-6, rtol=0)
-        expected = TF.gaussian_blur(x[0], [kernel, kernel], [sigma, sigma])[None]
-        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
-        assert ours.shape == x.shape
-
-
 @pytest.mark.parametrize("way", ["subset", "masked", "per_image"])
 def test_apply_color_uses_each_images_own_order_and_masks(way):
     torch.manual_seed(1)

@@ -123,45 +123,17 @@ def adjust_hue(x: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _blur_weights(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
-    """(N, k) normalised Gaussian taps, one row per image's ``sigma``."""
-    taps = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
-    weights = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)  # (N, k)
-    return weights / weights.sum(1, keepdim=True)
-
-
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     """Separable Gaussian blur of image i with ``sigma[i]``, reflect padding (torchvision's)."""
     n, c, h, w = x.shape
-    weights = _blur_weights(x, sigma, kernel).repeat_interleave(c, 0)  # (N·C, k)
+    taps = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    weights = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)  # (N, k)
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N·C, k)
     pad = kernel // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, weights.view(n * c, 1, kernel, 1), groups=n * c)
     y = F.conv2d(y, weights.view(n * c, 1, 1, kernel), groups=n * c)
     return y.view(n, c, h, w)
-
-
-def gaussian_blur_one(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
-    """``gaussian_blur`` of one image (1, C, H, W) as weighted sums of shifted copies.
-
-    The same taps and padding; each output is the same sum of products, taken in the same tap
-    order (equal to the convolution within float rounding; bit for bit on the CPU tried). On a
-    CPU a grouped convolution over one large image is slower than this (about 2x at 224 px with
-    23 taps, one thread; the colour ops of a stage-1 batch 1.13x faster in all:
-    ``benchmarks/color_speed.py --against``); over a batch it is the faster of the two, so only
-    the one-image-at-a-time colour path uses this.
-    """
-    _, _, h, w = x.shape
-    taps = _blur_weights(x, sigma, kernel)[0].tolist()
-    pad = kernel // 2
-    y = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    rows = y[..., 0:h, :] * taps[0]  # (1, C, H, W + 2·pad): the vertical pass
-    for i in range(1, kernel):
-        rows.add_(y[..., i : i + h, :], alpha=taps[i])
-    out = rows[..., 0:w] * taps[0]  # the horizontal pass
-    for i in range(1, kernel):
-        out.add_(rows[..., i : i + w], alpha=taps[i])
-    return out
 
 
 def blur_kernel_size(size: int, min_size: int) -> int:
@@ -190,7 +162,7 @@ def apply_color(x: Tensor, params: ColorParams, blur_kernel: int, way: str | Non
       own ops in its own order, in place. Large batches of large images are memory-bound on a CPU
       and every batch-sized temporary is a fresh allocation; one image's temporaries stay in the
       cache and are reused (1.4x on a stage-1 batch at 224 px, one thread:
-      ``benchmarks/color_speed.py``); the blur is ``gaussian_blur_one``.
+      ``benchmarks/color_speed.py``).
     """
     if way is None:
         if x.device.type != "cpu":
@@ -228,7 +200,7 @@ def _apply_per_image(x: Tensor, params: ColorParams, blur_kernel: int) -> Tensor
         if gray[i]:
             image.copy_(_gray3(image, None))
         if blur_kernel and blur[i]:
-            image.copy_(gaussian_blur_one(image, params.sigma[i : i + 1], blur_kernel))
+            image.copy_(gaussian_blur(image, params.sigma[i : i + 1], blur_kernel))
     return x
 
 
