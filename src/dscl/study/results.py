@@ -446,10 +446,11 @@ def results_markdown(
         "## Commands",
         "",
         "The study (`--jobs N` runs N cells side by side; finished cells are collected into "
-        f"`{study.results_written}`, from which the study continues on any machine):",
+        f"`{study.results_as_written}`, from which the study continues on any machine):",
         "",
     ]
-    out += ["```", f"dscl study --config {Path(study.results_written) / 'study.yaml'}", "```", ""]
+    study_file = Path(study.results_as_written) / "study.yaml"
+    out += ["```", f"dscl study --config {study_file}", "```", ""]
     out += ["Each cell (`--resume auto` continues an interrupted cell and starts a fresh one):", ""]
     out.append("```")
     out += [display_command(cell_command(study, cell)) for cell in study.cells]

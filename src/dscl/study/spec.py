@@ -89,14 +89,9 @@ class Study:
     baseline: dict[str, Any] | None
     study_dir: Path
     cells: list[Cell]
-    results_dir: Path = Path(RESULTS_ROOT)
-    results_text: str | None = None  # ``results`` as the study file says it (``to_yaml`` keeps it)
+    results_dir: Path  # where this invocation reads and writes the results (``--results`` moves it)
+    results_as_written: str  # ``results`` as the study file says it (study.yaml, RESULTS.md)
     compare: list[str] = field(default_factory=list)  # other studies (names or files) by budget
-
-    @property
-    def results_written(self) -> str:
-        """The results folder as the study file names it (what study.yaml and RESULTS.md say)."""
-        return self.results_text if self.results_text is not None else str(self.results_dir)
 
     @property
     def seed_axis(self) -> str | None:
@@ -116,7 +111,7 @@ class Study:
             data["baseline"] = dict(self.baseline)
         # the file's own value: a ``--results`` given to one invocation is not written, so a
         # committed study.yaml stays the same whichever checkout or folder ran the grid
-        data["results"] = self.results_written
+        data["results"] = self.results_as_written
         if self.compare:
             data["compare"] = list(self.compare)
         header = (
@@ -283,7 +278,7 @@ def load_study(path: str | Path) -> Study:
         study_dir=study_dir,
         cells=cells,
         results_dir=Path(results),
-        results_text=results,
+        results_as_written=results,
         compare=list(compare),
     )
 
