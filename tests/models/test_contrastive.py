@@ -256,3 +256,42 @@ def test_student_equals_encoding_each_patch_separately() -> None:
                 # One batched conv vs. one image: same math, different float32 summation
                 # blocking; 1e-5 on unit vectors leaves room only for rounding.
                 torch.testing.assert_close(out.student[j, b], alone, rtol=0, atol=1e-5)
+
+
+def test_teacher_rois_stay_float32_under_bf16_autocast(monkeypatch) -> None:
+    # 320 images × 5 patches: image indices past 256 are not exact in bf16 (257 -> 256), so a
+    # roi built in the autocast dtype cuts the region from a neighbouring image. Under CPU bf16
+    # autocast every roi must carry its own image's exact index and the float32 boxes, and
+    # every region must come from its own image (image b's map holds b // 16 in its first
+    # channel and b % 16 in the others, values a bf16 map holds exactly).
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    import dscl.models.contrastive as contrastive
+
+    seen = {}
+
+    def spy(fmap, rois, **kwargs):
+        seen["rois"], seen["regions"] = rois, torchvision_roi_align(fmap, rois, **kwargs)
+        return seen["regions"]
+
+    monkeypatch.setattr(contrastive, "roi_align", spy)
+    model = _resnet32_model().eval()
+    batch, num_patches = 320, 5
+    torch.manual_seed(4)
+    corner = torch.rand(batch, num_patches, 2) * 20.0
+    boxes = torch.cat([corner, corner + 4.0 + torch.rand(batch, num_patches, 2) * 8.0], dim=2)
+    index = torch.arange(batch, dtype=torch.float32)[:, None, None, None]
+    fmap = (index % 16).expand(batch, 64, 8, 8).clone()
+    fmap[:, 0] = index[:, 0] // 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model._teacher(fmap.to(torch.bfloat16), boxes)
+    rois, regions = seen["rois"], seen["regions"]
+    expected_index = torch.arange(batch, dtype=torch.float32).repeat_interleave(num_patches)
+    assert rois.dtype == torch.float32
+    assert torch.equal(rois[:, 0], expected_index)
+    assert torch.equal(rois[:, 1:], boxes.reshape(-1, 4))
+    cells = regions.float().mean(dim=(2, 3))  # (B·L, C)
+    # (B·L,) the index of the image each region came from (bilinear weights leave ~1e-6)
+    source = (cells[:, 0] * 16 + cells[:, 1]).round()
+    wrong = (source != expected_index).sum().item()
+    assert wrong == 0, f"{wrong} of {batch * num_patches} regions cut from another image"

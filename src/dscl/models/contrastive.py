@@ -208,11 +208,15 @@ class ContrastiveModel(nn.Module):
         """
         # B batch, C channels, D dim, L patches
         batch, num_patches = boxes.shape[:2]
-        image_index = torch.arange(batch, device=fmap.device, dtype=fmap.dtype)
+        # The rois and the map go to RoIAlign in float32 whatever the autocast dtype: the first
+        # roi column is the image index, and bf16 holds integers exactly only up to 256 (fp16 up
+        # to 2048), so a low-precision index would cut regions from the wrong image.
+        image_index = torch.arange(batch, device=fmap.device, dtype=torch.float32)
         image_index = image_index.repeat_interleave(num_patches)  # (B·L,), row i·L + j
-        rois = torch.cat([image_index[:, None], boxes.reshape(-1, 4).to(fmap)], dim=1)  # (B·L, 5)
+        coords = boxes.reshape(-1, 4).to(device=fmap.device, dtype=torch.float32)  # (B·L, 4)
+        rois = torch.cat([image_index[:, None], coords], dim=1)  # (B·L, 5)
         regions = roi_align(
-            fmap.detach(),
+            fmap.detach().float(),
             rois,
             output_size=2,
             spatial_scale=1.0 / self.query_encoder.stride,
