@@ -64,3 +64,28 @@ def test_linear_classifier_rejects_wrong_input_and_arguments() -> None:
         LinearClassifier(8, 0)
     with pytest.raises(ValueError, match="in_dim"):
         LinearClassifier(True, 3)  # type: ignore[arg-type]
+
+
+def test_classifier_logits_are_float32_under_bf16_autocast() -> None:
+    # The final layer runs outside autocast: with 1,000 classes, bf16 logits (8-bit mantissa)
+    # tie or swap near-equal classes. Under CPU bf16 autocast the evaluation path's logits must
+    # be float32 and equal the float32 layer applied to the (bf16) pooled features.
+    from dscl.engine.evaluate import predict_logits
+    from dscl.models.heads import Classifier
+
+    class Pool(nn.Module):
+        out_channels = 64
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.conv2d(x, torch.ones(64, 3, 1, 1) / 3)  # (N, 64, H, W)
+
+    torch.manual_seed(0)
+    model = Classifier(Pool(), num_classes=1000)
+    images = torch.randn(32, 3, 4, 4)
+    logits, _ = predict_logits(model, [(images, torch.zeros(32))], "cpu", amp_dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.features(images)
+    expected = model.fc.fc(features.float())
+    assert torch.equal(logits, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(images).dtype == torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["LinearClassifier", "ProjectionHead"]
@@ -74,7 +75,9 @@ class LinearClassifier(nn.Module):
             x: (N, C) pooled features, or an (N, C, H, W) feature map that is average-pooled first.
 
         Returns:
-            (N, num_classes) logits.
+            (N, num_classes) float32 logits, also under autocast: the layer runs outside it, in
+            float32, since bf16's 8-bit mantissa turns near-ties between many classes (1,000 on
+            ImageNet-LT) into wrong top-1 and top-5 answers.
         """
         if x.ndim == 4:
             x = x.mean(dim=(2, 3))  # (N, C, H, W) -> (N, C)
@@ -83,7 +86,8 @@ class LinearClassifier(nn.Module):
                 f"x must have shape (N, {self.in_dim}) or (N, {self.in_dim}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        return self.fc(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.fc(x.float())  # (N, num_classes)
 
 
 class Classifier(nn.Module):
