@@ -157,3 +157,17 @@ def test_paco_step_is_its_loss_and_fills_the_queue(augment: str):
     method.after_step()
     assert int(queue.valid.sum()) == 6  # the batch's keys entered the queue after the step
     assert method.classifier().backbone is c.query_encoder.backbone  # the centres' backbone
+
+
+@pytest.mark.parametrize("method", ["bcl", "paco"])
+def test_class_prior_moves_with_the_model(method: str):
+    # The training loop places a method with Method.to; the loss's class prior must travel
+    # with the model, or every step copies it to the device from the host. The meta device
+    # stands in for a GPU: whatever is left behind stays on the CPU.
+    cfg = build_config(None, [f"method={method}", "model.backbone=resnet32", "model.embed_dim=8"])
+    built = build_method(cfg, _data())
+    assert built.to(torch.device("meta")) is built
+    priors = [name for name, _ in built.loss.named_buffers() if name.endswith("log_prior")]
+    assert len(priors) == 1, priors
+    for name, tensor in [*built.loss.named_buffers(), *built.model.state_dict().items()]:
+        assert tensor.device.type == "meta", name

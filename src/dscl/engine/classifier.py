@@ -53,7 +53,7 @@ def train_classifier(
     if mode == "retrain":  # cRT: the method's own linear layer, retrained class-balanced
         own = _own_classifier_state(stage1)
         probe.model.fc.load_state_dict({k[3:]: v for k, v in own.items() if k.startswith("fc.")})
-    probe.model.to(device, memory_format=memory_format(cfg))
+    probe.to(device, memory_format(cfg))
     feed = ctx.train_feed(
         probe.feed_kind, c.batch_size, "classifier.batch_size", c.balanced, cfg.seed + 1
     )

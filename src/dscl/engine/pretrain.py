@@ -130,7 +130,7 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     and return the path of its checkpoint."""
     cfg, p, device = ctx.cfg, ctx.cfg.pretrain, ctx.device
     method = build_method(cfg, data_info(ctx))
-    method.model.to(device, memory_format=memory_format(cfg))
+    method.to(device, memory_format(cfg))
     if cfg.compile:
         runtime.compile_for_training(method.compile_targets(), device)
         ctx.logger.info("compile=true: the first steps compile the encoders (a minute or more)")

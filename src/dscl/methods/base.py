@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dscl.errors import ConfigError
@@ -129,6 +130,18 @@ class Method:
         if self.feed_kind != VIEWS:
             return ALL_VIEWS
         return ViewRequest.make(self.views, self.extra_views)
+
+    def to(
+        self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> Method:
+        """Move :attr:`model` and every other module the method holds (its losses, with their
+        buffers: BCL's and PaCo's class priors) to ``device``, so that a step copies nothing
+        from the host. Returns the method."""
+        self.model.to(device, memory_format=memory_format)
+        for value in vars(self).values():
+            if isinstance(value, nn.Module) and value is not self.model and value is not self.net:
+                value.to(device)
+        return self
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
         """Route the forward pass through ``wrapper(model)`` (DistributedDataParallel)."""
