@@ -12,10 +12,24 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
 def test_auto_is_full_precision_on_a_cpu_and_bf16_on_a_gpu(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert runtime.amp_dtype("auto", CPU) is None  # even where bf16 is native
     assert runtime.amp_dtype("auto", GPU) == torch.bfloat16
     assert runtime.amp_dtype("off", GPU) is None
     assert runtime.amp_dtype("fp16", GPU) == torch.float16
+
+
+def test_auto_is_fp16_with_loss_scaling_on_a_gpu_without_native_bf16(monkeypatch, capsys):
+    # A V100 (compute capability 7.0) only emulates bf16: auto must not choose it there, but
+    # fp16 with the loss scaler, and say so.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    assert runtime.amp_dtype("auto", GPU) == torch.float16
+    err = capsys.readouterr().err
+    assert "Tesla V100-SXM2-32GB has no native bf16" in err and "fp16" in err
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert runtime.amp_dtype("auto", GPU) == torch.bfloat16  # A100 and later
+    assert capsys.readouterr().err == ""
 
 
 def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch, capsys):

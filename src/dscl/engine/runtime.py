@@ -62,11 +62,18 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes in bf16 natively (compute capability 8.0 on: Ampere,
+    Hopper and later); older GPUs (V100, T4) only emulate it, much more slowly."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``setting``.
 
-    ``auto`` is bf16 on a GPU and full precision on a CPU: bf16 on a CPU is faster only where it
-    is native (AMX), and three paired seeds did not show it to train as well there
+    ``auto`` is bf16 on a GPU with native bf16, fp16 (with loss scaling, :func:`grad_scaler`) on
+    an older GPU, and full precision on a CPU: bf16 on a CPU is faster only where it is native
+    (AMX), and three paired seeds did not show it to train as well there
     (docs/bf16_parity/RESULTS.md: top-1 -2.33 +- 5.46 points, outside the +-1 criterion). An
     explicit ``bf16`` on a CPU without native bf16 warns once that it is emulated and much slower.
     """
@@ -83,7 +90,17 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
                 file=sys.stderr,
             )
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    if gpu_has_native_bf16(device):
+        return torch.bfloat16
+    if dist.is_main_process():
+        print(
+            f"dscl: amp=auto: {torch.cuda.get_device_name(device)} has no native bf16, so "
+            "training runs in fp16 with loss scaling (set amp=off for full precision)",
+            file=sys.stderr,
+        )
+    return torch.float16
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
