@@ -822,6 +822,40 @@ def test_jobs_run_cells_side_by_side(tmp_path: Path, capsys):
         run_study(str(path), jobs=0)
 
 
+def test_jobs_get_their_own_gpu_round_robin(tmp_path: Path, monkeypatch):
+    # On a machine with two GPUs, three job slots: slot i's cells run on GPU i mod 2, and the
+    # cell subprocess sees that GPU alone (CUDA_VISIBLE_DEVICES, in the parent's numbering).
+    from dscl.study import runner as study_runner
+
+    monkeypatch.setattr(study_runner, "gpu_slots", lambda: ["2", "5"])
+    path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon"], "seed": [0, 1]})
+    placed: dict[str, set] = {}
+    lock = threading.Lock()
+
+    def placed_runner(study, cell, gpu=None):
+        with lock:
+            placed.setdefault(threading.current_thread().name, set()).add(gpu)
+        time.sleep(0.2)
+        fabricate(study, cell, 50.0)
+        return {}
+
+    assert run_study(str(path), jobs=3, runner=placed_runner) == 0
+    assert placed == {f"study-job-{i}": {i % 2} for i in range(3)}
+    cell = load_study(path).cells[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert study_runner.cell_env(cell, "5")["CUDA_VISIBLE_DEVICES"] == "5"
+    assert study_runner.cell_env(cell)["CUDA_VISIBLE_DEVICES"] == "2,5"  # not placed: as given
+    # cell.json's machine names the model of the GPU the cell was given
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: f"GPU model {i}")
+    assert study_runner.machine_info(1)["gpu"] == "GPU model 1"
+    assert study_runner.machine_info()["gpu"] == "GPU model 0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert study_runner.machine_info(1)["gpu"] is None
+
+
 def test_a_failed_job_lets_the_others_finish_then_reports(tmp_path: Path, capsys):
     path = write_study(tmp_path, axes={"method": ["ce", "dscl", "supcon"]})
     other_started = threading.Event()

@@ -192,8 +192,31 @@ def collect_cell(study: Study, cell: Cell) -> Path | None:
     return target
 
 
-def machine_info() -> dict[str, Any]:
-    """The machine a cell ran on (no host name)."""
+def gpu_slots() -> list[str]:
+    """The GPUs this process may hand to cells, as ``CUDA_VISIBLE_DEVICES`` entries: those of
+    its own ``CUDA_VISIBLE_DEVICES`` when set, else every GPU; empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return [entry.strip() for entry in visible.split(",") if entry.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def gpu_name(slot: int | None) -> str | None:
+    """The model of this process's GPU number ``slot`` (its first without one), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(slot or 0)
+
+
+def machine_info(gpu_slot: int | None = None) -> dict[str, Any]:
+    """The machine a cell ran on (no host name), with the model of the GPU it was given
+    (``gpu_slot``, its index among :func:`gpu_slots`) or of the first GPU."""
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
@@ -205,6 +228,7 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch_version,
+        "gpu": gpu_name(gpu_slot),
     }
 
 
@@ -329,12 +353,24 @@ def stop_running_cells() -> None:
         stop_process(proc)
 
 
-def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
+def cell_env(cell: Cell, gpu: str | None = None) -> dict[str, str]:
+    """The environment of ``cell``'s subprocess: this one's, with ``OMP_NUM_THREADS`` set to the
+    cell's ``threads`` and ``CUDA_VISIBLE_DEVICES`` to ``gpu`` when one is given."""
+    env = dict(os.environ)
+    if cell.config.threads is not None:
+        env["OMP_NUM_THREADS"] = str(cell.config.threads)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def run_cell(study: Study, cell: Cell, gpu: int | None = None) -> dict[str, Any]:
     """Run one unfinished cell as a subprocess; write and return its ``cell.json`` record and
     collect its small files into the results folder.
 
     The subprocess's stdout and stderr go to ``<cell>/stdout.log`` (appended, one header line
-    per attempt); ``OMP_NUM_THREADS`` is set to the cell's ``threads``. Every attempt that ends,
+    per attempt); ``OMP_NUM_THREADS`` is set to the cell's ``threads``, and with ``gpu`` (an
+    index into :func:`gpu_slots`) the cell sees that GPU alone. Every attempt that ends,
     finished, failed or stopped, appends its wall time to ``<cell>/attempts.jsonl``; the record
     sums them (``attempts_wall_s``) and counts the attempts the log shows (``attempts``), so a
     cell resumed across machines says how long it took in all, and whether an attempt ended
@@ -349,9 +385,7 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CELL_NAME).unlink(missing_ok=True)
     log_path = run_dir / LOG_NAME
-    env = dict(os.environ)
-    if cell.config.threads is not None:
-        env["OMP_NUM_THREADS"] = str(cell.config.threads)
+    env = cell_env(cell, None if gpu is None else gpu_slots()[gpu])
     start = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     returncode = None
@@ -393,7 +427,7 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
         "threads": cell.config.threads,
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine_info(gpu),
     }
     atomic_write(run_dir / CELL_NAME, json.dumps(record, indent=1) + "\n")
     collect_cell(study, cell)
@@ -660,7 +694,9 @@ def run_cells(
 
     Cells are handed out in grid order; each is claimed first (a cell claimed by another live
     process is skipped with a line saying so) and released when it ends. After a failure no new
-    cell starts; the cells still running finish, then the first failure is raised.
+    cell starts; the cells still running finish, then the first failure is raised. With several
+    jobs on a machine with several GPUs, job slot i runs its cells on GPU i mod (number of GPUs)
+    (``runner(study, cell, gpu=i mod n)``), so the jobs do not all train on the first GPU.
 
     Returns:
         The names of the cells skipped because another process held them.
@@ -680,6 +716,7 @@ def run_cells(
     queue = list(todo)
     failures: list[BaseException] = []
     skipped: list[str] = []
+    gpus = len(gpu_slots()) if jobs > 1 else 0
 
     def next_cell() -> Cell | None:
         while True:
@@ -697,7 +734,8 @@ def run_cells(
                 skipped.append(cell.name)
             progress.skip(cell, _describe_claim(claims.holder(cell)))
 
-    def work() -> None:
+    def work(slot: int = 0) -> None:
+        placement = {"gpu": slot % gpus} if gpus > 1 else {}
         while True:
             try:
                 cell = next_cell()
@@ -711,7 +749,7 @@ def run_cells(
             progress.start(cell, note, jobs)
             start = time.perf_counter()
             try:
-                runner(study, cell)
+                runner(study, cell, **placement)
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 progress.abandon(cell)
                 with lock:
@@ -726,7 +764,7 @@ def run_cells(
             work()
         else:
             threads = [
-                threading.Thread(target=work, name=f"study-job-{i}", daemon=True)
+                threading.Thread(target=work, args=(i,), name=f"study-job-{i}", daemon=True)
                 for i in range(jobs)
             ]
             for thread in threads:
