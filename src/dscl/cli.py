@@ -243,9 +243,9 @@ def make_context(cfg, run_dir: Path):
         download=d.download,
         **d.extra,
     )
-    _, _, local_rank = dist.init_distributed()
+    _, world_size, local_rank = dist.init_distributed()
     runtime.set_threads(cfg.threads)
-    device = runtime.select_device(cfg.device, local_rank)
+    device = runtime.select_device(cfg.device, local_rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     runtime.seed_everything(cfg.seed + dist.get_rank())

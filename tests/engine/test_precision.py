@@ -67,3 +67,7 @@ def test_device_choice_and_its_errors(monkeypatch):
     assert runtime.select_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(SetupError, match=r"^device: 'cuda:2' requested but this machine has 2 GPU"):
         runtime.select_device("cuda:2")
+    # under torchrun the local rank picks the GPU: an explicit index would stack every rank on it
+    assert runtime.select_device("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    with pytest.raises(SetupError, match=r"^device: 'cuda:1' names one GPU, but under 2 proc"):
+        runtime.select_device("cuda:1", local_rank=0, world_size=2)

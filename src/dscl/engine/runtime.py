@@ -25,8 +25,13 @@ from dscl.cpuinfo import cpu_flags
 from dscl.errors import SetupError
 
 
-def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU when CUDA is available, else the CPU."""
+def select_device(spec: str = "auto", local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """``auto``: this process's GPU when CUDA is available, else the CPU.
+
+    Under several processes (``world_size`` > 1) the local rank picks each process's GPU, so a
+    device with an index (``cuda:1``), which would put every process on that one GPU, is
+    refused.
+    """
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -37,6 +42,12 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         raise SetupError(
             f"device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N"
         ) from None
+    if device.type == "cuda" and device.index is not None and world_size > 1:
+        raise SetupError(
+            f"device: {spec!r} names one GPU, but under {world_size} processes each uses the "
+            "GPU of its LOCAL_RANK; set device=cuda (or auto) and choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SetupError(
             f"device: {spec!r} requested but CUDA is not available here (torch "
