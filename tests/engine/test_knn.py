@@ -1,5 +1,5 @@
 """The kNN monitor: votes equal a slow loop written from the definition; the monitor runs in
-stage 1 and leaves training unchanged."""
+stage 1 and leaves training unchanged; a rank's share of the evaluation batches."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dscl.checkpoint import load_checkpoint
 from dscl.cli import main
+from dscl.data import ArrayImageDataset
+from dscl.data.views import ViewConfig
+from dscl.engine.feed import eval_batches, eval_shard
 from dscl.engine.knn import knn_class_scores
 
 
@@ -76,3 +81,40 @@ def test_monitor_logs_curves_and_changes_nothing(tmp_path: Path):
     on, off = (load_checkpoint(tmp_path / n / "pretrain.pt")["model"] for n in ("on", "off"))
     for key, value in on.items():
         assert torch.equal(value, off[key]), key  # the monitor draws no random numbers
+
+
+# --- each rank's share of the evaluation batches -------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(11, 4, 2), (11, 4, 3), (8, 4, 2), (3, 4, 2)])
+def test_eval_shards_partition_the_split_in_whole_batches(n, batch, world):
+    shares = [eval_shard(n, batch, rank, world) for rank in range(world)]
+    assert sorted(i for share in shares for i in share) == list(range(n))
+    for rank, share in enumerate(shares):
+        assert share == sorted(share)
+        whole = [list(range(b, min(b + batch, n))) for b in range(0, n, batch)]
+        assert share == [i for b in whole[rank::world] for i in b]
+
+
+@pytest.mark.parametrize("in_memory", [True, False])  # the on-device path and a DataLoader
+def test_a_rank_evaluates_every_world_th_batch_of_one_process(in_memory):
+    rng = np.random.default_rng(0)
+    dataset = ArrayImageDataset(
+        rng.integers(0, 256, (11, 8, 8, 3), dtype=np.uint8), list(range(11)), ["x"] * 11
+    )
+    kw = {"batch_size": 4, "device": torch.device("cpu"), "in_memory": in_memory}
+    cfg = ViewConfig(view_size=8)
+    whole = list(eval_batches(dataset, cfg, **kw))
+    assert [len(y) for _, y in whole] == [4, 4, 3]
+    for world in (2, 3):
+        for rank in range(world):
+            share = list(eval_batches(dataset, cfg, rank=rank, world=world, **kw))
+            assert len(share) == len(whole[rank::world])
+            for (x, y), (want_x, want_y) in zip(share, whole[rank::world], strict=True):
+                assert torch.equal(y, want_y) and torch.equal(x, want_x)
+
+
+def test_eval_batches_rejects_a_rank_outside_the_world():
+    dataset = ArrayImageDataset(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], ["a", "b"])
+    with pytest.raises(ValueError, match=r"^rank: 2 is not in \[0, 2\)"):
+        eval_batches(dataset, ViewConfig(view_size=8), batch_size=1, device="cpu", rank=2, world=2)
