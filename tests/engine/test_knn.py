@@ -1,15 +1,21 @@
 """The kNN monitor: votes equal a slow loop written from the definition; the monitor runs in
-stage 1 and leaves training unchanged; a rank's share of the evaluation batches."""
+stage 1 and leaves training unchanged; under two processes (gloo) each rank evaluates only its
+share and the votes equal one process's."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dscl.checkpoint import load_checkpoint
@@ -17,7 +23,9 @@ from dscl.cli import main
 from dscl.data import ArrayImageDataset
 from dscl.data.views import ViewConfig
 from dscl.engine.feed import eval_batches, eval_shard
-from dscl.engine.knn import knn_class_scores
+from dscl.engine.knn import KNN_K, knn_class_scores, pooled_features
+
+SUPPORT_DIR = Path(__file__).resolve().parents[1] / "dist_support"
 
 
 def slow_knn(bank, bank_labels, queries, num_classes, k, temperature):
@@ -118,3 +126,96 @@ def test_eval_batches_rejects_a_rank_outside_the_world():
     dataset = ArrayImageDataset(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], ["a", "b"])
     with pytest.raises(ValueError, match=r"^rank: 2 is not in \[0, 2\)"):
         eval_batches(dataset, ViewConfig(view_size=8), batch_size=1, device="cpu", rank=2, world=2)
+
+
+# --- two processes on one CPU (gloo) against one process ----------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def knn_two_process(tmp_path_factory):
+    """Runs the kNN worker on ranks 0 and 1 once; returns (worker module, [rank results])."""
+    if not (tdist.is_available() and tdist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SUPPORT_DIR))  # spawned children inherit sys.path
+        worker = importlib.import_module("dscl_knn_worker")
+        out_dir = tmp_path_factory.mktemp("knn_two_process")
+        context = mp.start_processes(
+            worker.run,
+            args=(_free_port(), str(out_dir)),
+            nprocs=worker.WORLD_SIZE,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + 120
+        while not context.join(timeout=1):  # raises if a worker raised
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.terminate()
+                pytest.fail("two-process gloo kNN workers did not finish within 120 s")
+    return worker, [torch.load(out_dir / f"rank{r}.pt") for r in range(worker.WORLD_SIZE)]
+
+
+def _gathered_order(worker, n: int) -> list[int]:
+    """The one-process row of each gathered query: the ranks' shares one after the other."""
+    return [i for r in range(worker.WORLD_SIZE) for i in eval_shard(n, worker.BATCH, r, 2)]
+
+
+# The sharded path computes the same features from the same batches; its similarities come from
+# matrix products of other shapes, which may round differently by ~1e-7, and a vote weight
+# exp(sim / 0.07) then differs relatively by ~1e-7 / 0.07 ~ 1.5e-6: hence rtol 1e-5.
+RTOL = 1e-5
+
+
+def test_two_processes_vote_as_one_process(knn_two_process):
+    worker, results = knn_two_process
+    for case, (_, queries) in worker.CASES.items():
+        want_scores, want_targets = worker.monitor(case).class_scores(worker.CountingBackbone())
+        want_values = worker.monitor(case)(worker.CountingBackbone())
+        want_values.pop("knn_seconds")
+        order = _gathered_order(worker, queries)
+        for out in (r[case] for r in results):  # the same on every rank
+            assert torch.equal(out["targets"], want_targets[order]), case
+            torch.testing.assert_close(out["scores"], want_scores[order], rtol=RTOL, atol=0)
+            assert out["values"] == want_values, case
+
+
+def test_two_processes_find_the_same_neighbours(knn_two_process):
+    worker, results = knn_two_process
+    for case, (bank_size, queries) in worker.CASES.items():
+        # no near-tie at the k-th neighbour (1e-4 is ~1000 times a similarity's float32
+        # rounding), so the neighbour sets are defined
+        backbone, cpu = worker.CountingBackbone(), torch.device("cpu")
+        bank, _ = pooled_features(backbone, worker.batches(worker.make_sets(case)[0]), cpu, None)
+        query, _ = pooled_features(backbone, worker.batches(worker.make_sets(case)[1]), cpu, None)
+        sims = (query @ bank.T).sort(dim=1, descending=True).values  # (M, N)
+        k = min(KNN_K, bank_size)
+        if k < bank_size:
+            assert (sims[:, k - 1] - sims[:, k]).min() > 1e-4, case
+        # bank image i votes for class i: the non-zero columns of a row are its neighbours
+        want = worker.neighbour_scores(case, 0, 1)[_gathered_order(worker, queries)]
+        for out in (r[case] for r in results):
+            got = out["neighbours"]
+            assert torch.equal(got != 0, want != 0), case
+            assert ((got != 0).sum(dim=1) == k).all(), case
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+
+
+def test_each_rank_computes_features_of_its_share_only(knn_two_process):
+    worker, results = knn_two_process
+    for case, (bank_size, queries) in worker.CASES.items():
+        seen = [r[case]["seen"] for r in results]
+        share = [
+            len(eval_shard(bank_size, worker.BATCH, r, 2))
+            + len(eval_shard(queries, worker.BATCH, r, 2))
+            for r in range(worker.WORLD_SIZE)
+        ]
+        assert seen == share, case
+        assert sum(seen) == bank_size + queries, case  # every image once, on one rank
+    assert 0 < results[1]["main"]["seen"] < results[0]["main"]["seen"] < 37 + 11  # both work
