@@ -292,7 +292,8 @@ def _free_port() -> int:
 
 
 def test_torchrun_two_processes(tmp_path: Path):
-    """torchrun with two CPU processes (gloo) runs both stages; rank 0 alone writes and logs."""
+    """torchrun with two CPU processes (gloo) runs both stages and the kNN monitor (both ranks
+    call it: it gathers); rank 0 alone writes and logs."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -307,6 +308,7 @@ def test_torchrun_two_processes(tmp_path: Path):
         "ddp",
         *tiny(tmp_path),
         "progress=false",
+        "pretrain.knn_every=1",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -317,8 +319,9 @@ def test_torchrun_two_processes(tmp_path: Path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["num_samples"] == 100  # every test image once, not once per rank
     records = [json.loads(line) for line in open(tmp_path / "ddp" / "train_log.jsonl")]
-    keys = [(r["stage"], r["step"], "val_top1" in r) for r in records]
+    keys = [(r["stage"], r["step"], "val_top1" in r, "val_knn_top1" in r) for r in records]
     assert len(keys) == len(set(keys)) > 0  # each step logged once: only rank 0 logs
+    assert [r["epoch"] for r in records if "val_knn_top1" in r] == [0]  # one epoch, logged once
     assert done.stdout.count("Top-1") == 1  # one table, from rank 0
 
 

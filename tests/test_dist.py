@@ -37,6 +37,13 @@ def test_no_group_gathers_return_input():
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
 
 
+def test_no_group_gather_rows_returns_input():
+    x = torch.randn(3, 2, requires_grad=True)
+    gathered = dist.all_gather_rows(x)
+    assert torch.equal(gathered, x) and not gathered.requires_grad
+    assert dist.all_gather_rows(torch.empty(0, 0)).shape == (0, 0)
+
+
 def test_no_group_any_rank_is_the_flag():
     assert dist.any_rank(True) is True
     assert dist.any_rank(False) is False
@@ -270,3 +277,18 @@ def test_any_rank_across_ranks(two_process):
     for out in results:
         # True on both ranks when either rank's flag is True, whichever rank it is.
         assert out["any_rank"] == {"none": False, "all": True, "rank0": True, "rank1": True}
+
+
+def test_gather_rows_of_unequal_shares(two_process):
+    _, results = two_process
+
+    def rows(rank: int, n: int) -> list[list[float]]:
+        return [[rank, i] for i in range(n)]
+
+    for out in results:
+        gathered = out["gather_rows"]
+        assert gathered["uneven"].tolist() == rows(0, 2) + rows(1, 3)  # rank order, no padding
+        assert gathered["uneven"].dtype == torch.float64
+        assert gathered["empty"].tolist() == rows(1, 3)  # rank 0 had a (0, 0) tensor
+        # trailing shapes (2,) and (4,) disagree: every rank raises, so none hangs
+        assert "different shapes" in gathered["mismatch"]

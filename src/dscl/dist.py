@@ -4,9 +4,11 @@ Every distributed call of the package goes through this module. With no initiali
 group each helper behaves as the world of one process: gathers return their input,
 :func:`any_rank` returns its flag, the batch shuffle is the identity.
 
-All gathers require every rank to pass a tensor of the same shape (in particular the same batch
-size). The helpers do not check this on every call (it would cost an extra collective per
-step); use ``drop_last=True`` samplers so that the batches agree.
+All gathers but :func:`all_gather_rows` require every rank to pass a tensor of the same shape (in
+particular the same batch size). The helpers do not check this on every call (it would cost an
+extra collective per step); use ``drop_last=True`` samplers so that the batches agree.
+:func:`all_gather_rows` pays that extra collective, for evaluation, where the ranks' shares of a
+split differ.
 """
 
 from __future__ import annotations
@@ -68,6 +70,44 @@ def all_gather(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
     dist.all_gather(parts, tensor)
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Concatenates ``tensor`` from every rank along dim 0, in rank order, where the ranks may hold
+    different numbers of rows (their shares of an evaluation split), with no gradient.
+
+    The ranks first gather each other's shapes, then every rank's rows padded to the longest
+    share, and cut the padding off again. A rank with no rows may pass any empty tensor with the
+    same number of dims and dtype (its other dims are taken from the ranks that have rows).
+
+    Args:
+        tensor: (N_r, ...) this rank's rows; every rank with rows has the same trailing shape,
+            and all have the same dtype, device and number of dims.
+
+    Returns:
+        (N_0 + ... + N_{W-1}, ...) tensor, detached; with no group, ``tensor`` itself (detached).
+
+    Raises:
+        ValueError: the ranks with rows disagree on the trailing shape (raised on every rank).
+    """
+    # W world size, N_r rows of rank r
+    if get_world_size() == 1:
+        return tensor.detach()
+    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+    shapes = all_gather(shape[None]).tolist()  # W lists of ndim sizes
+    sizes = [s[0] for s in shapes]
+    trailing = {tuple(s[1:]) for s in shapes if s[0] > 0}
+    if len(trailing) > 1:
+        raise ValueError(f"all_gather_rows: the ranks' rows have different shapes {shapes}")
+    if not trailing:  # no rank has a row
+        return tensor.detach()
+    (rest,) = trailing
+    padded = tensor.new_zeros(max(sizes), *rest)
+    padded[: sizes[get_rank()]] = tensor.detach().reshape(-1, *rest)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

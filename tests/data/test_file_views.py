@@ -516,3 +516,19 @@ def test_fast_evaluation_stops_at_a_bad_file_with_its_message(tmp_path):
             dataset, ViewConfig(view_size=16), batch_size=2, device=CPU, num_workers=workers
         )
         assert _message(lambda b=batches: list(b)) == expected
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fast_evaluation_share_is_every_world_th_batch(jpegs, workers):
+    """A rank's share of the evaluation batches (kNN monitor under several processes): the
+    one-process batches rank, rank + world, ..., the same images and labels."""
+    kw = {"batch_size": 2, "device": CPU, "num_workers": workers}
+    cfg = ViewConfig(view_size=16)
+    whole = list(eval_batches(jpegs, cfg, **kw))
+    assert len(whole) == 3
+    for world in (2, 4):  # with 4 ranks, rank 3 gets no batch
+        for rank in range(world):
+            share = list(eval_batches(jpegs, cfg, rank=rank, world=world, **kw))
+            assert len(share) == len(whole[rank::world])
+            for (x, y), (want_x, want_y) in zip(share, whole[rank::world], strict=True):
+                assert torch.equal(y, want_y) and torch.equal(x, want_x)

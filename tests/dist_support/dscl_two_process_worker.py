@@ -104,6 +104,19 @@ def run(rank: int, port: int, out_dir: str) -> None:
             "rank1": dist.any_rank(rank == 1),
         },
     )
+
+    # Shares of unequal length: row i of rank r holds (r, i) twice; rank 0 has none in "empty".
+    def share(rows: int, width: int = 2) -> torch.Tensor:
+        return torch.tensor([[rank, i] * (width // 2) for i in range(rows)], dtype=torch.float64)
+
+    out["gather_rows"] = {
+        "uneven": dist.all_gather_rows(share(2 + rank)),
+        "empty": dist.all_gather_rows(share(3 * rank) if rank else torch.empty(0, 0).double()),
+    }
+    try:
+        dist.all_gather_rows(share(1, width=2 + 2 * rank))
+    except ValueError as err:
+        out["gather_rows"]["mismatch"] = str(err)
     dist.barrier()
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.cleanup()

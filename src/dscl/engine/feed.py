@@ -322,23 +322,34 @@ def eval_batches(
     num_workers: int = 0,
     in_memory: bool = True,
     file_views: str = "fast",
+    rank: int = 0,
+    world: int = 1,
 ):
     """Deterministic (images, labels) batches over a whole evaluation split, in order.
 
     Image files on the fast path (``file_views="fast"``) are decoded, resized and centre-cropped
     in uint8 by the workers (``fileviews.EvalCrops``) and normalised a batch at a time on the
-    device (in the workers when training on the CPU with workers)."""
+    device (in the workers when training on the CPU with workers).
+
+    With ``world`` > 1 only the share of rank ``rank`` is made: batches ``rank``, ``rank + world``,
+    ... of the one-process order (:func:`eval_shard`), each the same images as there, so that the
+    ranks of a process group split the work of one evaluation between them. The defaults make
+    every batch."""
     cfg = view_cfg
     if file_views not in FILE_VIEWS:
         raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank: {rank} is not in [0, {world}) for world {world}")
+    # one process: the sequential sampler, as always; a share: its images, in order
+    shard = None if world == 1 else eval_shard(len(dataset), batch_size, rank, world)
     if file_views == "fast" and isinstance(dataset, ImageFileDataset):
-        return _file_eval_batches(dataset, cfg, batch_size, device, num_workers)
+        return _file_eval_batches(dataset, cfg, batch_size, device, num_workers, shard)
     if in_memory and hasattr(dataset, "tensor_images"):
         images = dataset.tensor_images()
         labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
 
         def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for start in range(0, len(labels), batch_size):
+            for start in range(rank * batch_size, len(labels), world * batch_size):
                 chunk = images[start : start + batch_size].to(device)
                 yield (
                     batched_eval(chunk, cfg.view_size, cfg.mean, cfg.std),
@@ -351,9 +362,31 @@ def eval_batches(
         dataset,
         batch_size=batch_size,
         shuffle=False,
+        sampler=shard,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
+
+
+def eval_shard(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The indices of the images of one rank's share of an evaluation split: those of batches
+    ``rank``, ``rank + world``, ... of the one-process order, in order.
+
+    Every batch but the split's last is full, so the share, cut into batches of ``batch_size``,
+    gives exactly those batches. Dealing out whole batches in turn keeps the shares within one
+    batch of each other and each batch the same images as in one process.
+
+    Args:
+        n: images in the split.
+        batch_size: images per batch.
+        rank: this rank, in [0, world).
+        world: number of ranks.
+
+    Returns:
+        Increasing indices in [0, n); the shares of the ranks 0 .. world - 1 partition range(n).
+    """
+    batches = range(rank, -(-n // batch_size), world)
+    return [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, n))]
 
 
 def normalised_batch(items, *, mean, std):
@@ -362,7 +395,9 @@ def normalised_batch(items, *, mean, std):
     return normalised_planes(crops, torch.device("cpu"), mean, std), labels
 
 
-def _file_eval_batches(dataset, cfg: ViewConfig, batch_size: int, device, num_workers: int):
+def _file_eval_batches(
+    dataset, cfg: ViewConfig, batch_size: int, device, num_workers: int, shard: list[int] | None
+):
     crops = EvalCrops(dataset, cfg)
     in_workers = device.type == "cpu" and num_workers > 0
     collate = partial(normalised_batch, mean=cfg.mean, std=cfg.std) if in_workers else None
@@ -372,6 +407,7 @@ def _file_eval_batches(dataset, cfg: ViewConfig, batch_size: int, device, num_wo
             crops,
             batch_size=batch_size,
             shuffle=False,
+            sampler=shard,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             collate_fn=collate,

@@ -62,8 +62,9 @@ class StageContext:
             request=request if request is not None else ALL_VIEWS,
         )
 
-    def eval_batches(self, dataset):
-        """Deterministic evaluation batches over a whole split."""
+    def eval_batches(self, dataset, shard: bool = False):
+        """Deterministic evaluation batches over a whole split; with ``shard``, only this rank's
+        share of them (every rank a different one, see :func:`~dscl.engine.feed.eval_shard`)."""
         d = self.cfg.data
         return eval_batches(
             dataset,
@@ -73,6 +74,8 @@ class StageContext:
             num_workers=d.num_workers,
             in_memory=d.batched_views,
             file_views=d.file_views,
+            rank=dist.get_rank() if shard else 0,
+            world=dist.get_world_size() if shard else 1,
         )
 
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -161,8 +164,9 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
     monitor = knn_monitor(ctx) if p.knn_every > 0 else None
 
     def end_of_epoch(epoch: int) -> None:
-        """The kNN monitor, every ``knn_every`` epochs and after the last (rank 0)."""
-        if monitor is None or not dist.is_main_process():
+        """The kNN monitor, every ``knn_every`` epochs and after the last (every rank computes its
+        share, rank 0 logs)."""
+        if monitor is None:
             return None
         if (epoch + 1) % p.knn_every and epoch != p.epochs - 1:
             return None
@@ -192,10 +196,12 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
 
 
 def knn_monitor(ctx: StageContext) -> KnnMonitor | None:
-    """The kNN monitor over this run's training set (bank) and validation split."""
+    """The kNN monitor over this run's training set (bank) and validation split, each rank with
+    its share of both."""
     splits = ctx.splits
     if len(splits.val) == 0:
         ctx.logger.info("kNN monitor off: the validation split is empty")
         return None
-    bank, val = ctx.eval_batches(splits.train), ctx.eval_batches(splits.val)
+    bank = ctx.eval_batches(splits.train, shard=True)
+    val = ctx.eval_batches(splits.val, shard=True)
     return KnnMonitor(bank, val, splits.num_classes, ctx.metrics, ctx.device, ctx.amp)
