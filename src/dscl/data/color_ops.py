@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dscl.device_path import device_constant, sync_free
+
 JITTER_STRENGTH = 0.4  # brightness, contrast and saturation factors are drawn from [0.6, 1.4]
 BLUR_SIGMA = (0.1, 2.0)
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_grayscale
@@ -70,7 +72,8 @@ def color_params(
 
 def grayscale(x: Tensor) -> Tensor:
     """Luma of (N, 3, H, W) images: (N, 1, H, W), torchvision's ``rgb_to_grayscale`` weights."""
-    return (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (N, 1, H, W)
+    luma = device_constant(tuple(LUMA), x).view(1, 3, 1, 1)
+    return (x * luma).sum(1, keepdim=True)  # (N, 1, H, W)
 
 
 def _scaled(x: Tensor, factor: Tensor, inplace: bool) -> Tensor:
@@ -115,7 +118,8 @@ def adjust_hue(x: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
         torch.where(value == green, 2 + (blue - red) / div, 4 + (red - green) / div),
     )
     hue6 = torch.remainder(sector + 6 * shift.view(-1, 1, 1), 6)[:, None]  # (N, 1, H, W)
-    k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + hue6, 6)  # (N, 3, H, W)
+    offsets = device_constant((5.0, 3.0, 1.0), x).view(1, 3, 1, 1)
+    k = torch.remainder(offsets + hue6, 6)  # (N, 3, H, W)
     out = value[:, None] * (1 - sat[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
     return x.copy_(out) if inplace else out
 
@@ -165,7 +169,7 @@ def apply_color(x: Tensor, params: ColorParams, blur_kernel: int, way: str | Non
       ``benchmarks/color_speed.py``).
     """
     if way is None:
-        if x.device.type != "cpu":
+        if sync_free(x.device):
             way = "masked"
         elif len(x) and x[0].numel() * x.element_size() >= PER_IMAGE_BYTES:
             way = "per_image"

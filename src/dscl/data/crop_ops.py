@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from dscl.device_path import device_constant
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the query/key/classifier crops
@@ -202,4 +204,5 @@ def resample_boxes(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> T
 
 def normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(..., 3, H, W) images minus ``mean``, divided by ``std`` (per channel)."""
-    return (x - x.new_tensor(mean).view(3, 1, 1)).div_(x.new_tensor(std).view(3, 1, 1))
+    mean_, std_ = device_constant(tuple(mean), x), device_constant(tuple(std), x)
+    return (x - mean_.view(3, 1, 1)).div_(std_.view(3, 1, 1))

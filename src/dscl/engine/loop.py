@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dscl import dist
+from dscl.device_path import sync_free
 from dscl.engine import runtime
 from dscl.methods import Method
 
@@ -43,6 +44,13 @@ class Optimization:
     device: torch.device
     amp: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def checks_every_step(self) -> bool:
+        """Whether the loss is read on the host after every step to check that it is finite:
+        on a CPU, where it costs nothing; at the logging cadence only where the host must not
+        wait (:func:`dscl.device_path.sync_free`)."""
+        return not sync_free(self.device)
 
 
 @dataclass
@@ -123,7 +131,7 @@ def run_epoch(
         :class:`EpochResult`.
     """
     method.train()
-    check_every = 1 if opt.device.type == "cpu" else log_every
+    check_every = 1 if opt.checks_every_step else log_every
     world = dist.get_world_size()
     if logger is not None:
         batches = logger.bar(batches, steps_per_epoch - first_batch, desc, initial=first_batch)

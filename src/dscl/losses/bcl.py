@@ -4,7 +4,8 @@ cross-entropy of its classification branch.
 Zhu et al., "Balanced Contrastive Learning for Long-Tailed Visual Recognition", CVPR 2022
 (github.com/FlamieZhu/Balanced-Contrastive-Learning: ``loss/contrastive.py`` ``BalSCL`` and
 ``loss/logitadjust.py`` ``LogitAdjust``). This module imports nothing from the rest of ``dscl``
-but the input checks of :mod:`dscl.losses.dscl`: tensors in, scalar out.
+but the input checks of :mod:`dscl.losses.dscl` and the CPU/accelerator switch of
+:mod:`dscl.device_path` (which way the label check goes): tensors in, scalar out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dscl.device_path import sync_free
 
 from .dscl import (
     TemperatureLoss,
@@ -48,8 +51,14 @@ def check_class_counts(class_counts: Sequence[int] | Tensor, allow_zero: bool) -
 
 
 def check_label_range(name: str, labels: Tensor, num_classes: int) -> None:
-    """Every label in [0, num_classes) (one device sync; an index past C would otherwise be a
-    device-side assert on a GPU)."""
+    """Every label in [0, num_classes): a ValueError naming the range on a CPU; where the host
+    must not wait for the device (:func:`dscl.device_path.sync_free`), an assertion queued on the
+    device, which stops the run with ``name``'s message when it runs, without a host read."""
+    if sync_free(labels.device):
+        if labels.numel():
+            in_range = ((labels >= 0) & (labels < num_classes)).all()
+            torch._assert_async(in_range, f"{name} must lie in [0, {num_classes})")
+        return
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"{name} must lie in [0, {num_classes}), got values from {int(labels.min())} "
@@ -112,7 +121,7 @@ class BalancedContrastiveLoss(TemperatureLoss):
 
     def _loss(self, view1: Tensor, view2: Tensor, labels: Tensor, prototypes: Tensor) -> Tensor:
         # B batch, C classes, D dim; N = 2B anchors, M = 2B + C columns [view1 | view2 | prototypes]
-        batch, num_classes = view1.shape[0], prototypes.shape[0]
+        num_classes = prototypes.shape[0]
         dtype = compute_dtype(view1, view2, prototypes)
         device = view1.device
         anchors = torch.cat([view1, view2], dim=0).to(dtype)  # (N, D)
@@ -121,14 +130,18 @@ class BalancedContrastiveLoss(TemperatureLoss):
 
         anchor_labels = labels.repeat(2)  # (N,)
         column_labels = torch.cat([anchor_labels, torch.arange(num_classes, device=device)])
-        rows = torch.arange(2 * batch, device=device)
         not_self = torch.ones_like(logits, dtype=torch.bool)
-        not_self[rows, rows] = False  # (N, M): the anchor is not in its own contrast set
+        not_self.fill_diagonal_(False)  # (N, M): the anchor is not in its own contrast set
         same_class = anchor_labels[:, None] == column_labels[None, :]  # (N, M)
         positive = same_class & not_self
 
         # members of each class among the M embeddings: 2·(count in batch) + 1 (prototype)
-        class_size = torch.bincount(column_labels, minlength=num_classes).to(dtype)  # (C,)
+        # (a scatter, not bincount, whose output size depends on the largest label)
+        ones = torch.ones_like(column_labels)
+        class_size = torch.zeros_like(column_labels[:num_classes]).scatter_add_(
+            0, column_labels, ones
+        )  # (C,)
+        class_size = class_size.to(dtype)
         # |A_c(i)| for column j of class c: the anchor's own class loses the anchor itself
         member_count = class_size[column_labels][None, :] - same_class.to(dtype)  # (N, M)
 

@@ -116,17 +116,16 @@ def _contrast_log_prob(
     logits = query @ contrast.T / temperature  # (B, 2B+K)
 
     device = query.device
-    rows = torch.arange(batch, device=device)
     column_valid = torch.ones(2 * batch + queue_size, dtype=torch.bool, device=device)
     if queue_valid is not None:
         column_valid[2 * batch :] = queue_valid
     valid = column_valid.expand(batch, -1).clone()  # (B, 2B+K)
-    valid[rows, rows] = False  # an anchor is not in its own contrast set
+    valid[:, :batch].fill_diagonal_(False)  # an anchor is not in its own contrast set
 
     labels = labels.long()
     column_labels = torch.cat([labels, labels, queue_labels.long()])  # (2B+K,)
     positive = (labels[:, None] == column_labels[None, :]) & valid  # (B, 2B+K)
-    positive[rows, batch + rows] = False  # k_i is the augmentation positive, not in P_i
+    positive[:, batch : 2 * batch].fill_diagonal_(False)  # k_i: the augmentation positive
 
     # logsumexp subtracts the row max; -inf entries get exactly zero weight and zero gradient.
     logits = logits.masked_fill(~valid, float("-inf"))

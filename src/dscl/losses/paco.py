@@ -168,7 +168,7 @@ class PaCoLoss(TemperatureLoss):
         if queue_valid is not None:
             valid[2 * batch :] = queue_valid
         valid = valid.expand(batch, -1).clone()  # (B, 2B+K)
-        valid[rows, rows] = False  # the anchor is not in its own contrast set
+        valid[:, :batch].fill_diagonal_(False)  # the anchor is not in its own contrast set
         labels = labels.long()
         column_labels = torch.cat([labels, labels, queue_labels.long()])  # (2B+K,)
         positive = (labels[:, None] == column_labels[None, :]) & valid  # (B, 2B+K), k_i in it

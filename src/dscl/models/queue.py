@@ -95,7 +95,7 @@ class LabelledQueue(nn.Module):
         slots = (self.ptr + torch.arange(count, device=self.ptr.device)) % size  # (n,)
         self.features[slots] = features
         self.labels[slots] = labels
-        self.valid[slots] = True
+        self.valid.index_fill_(0, slots, True)
         self.ptr.copy_((self.ptr + count) % size)
 
     def extra_repr(self) -> str:
