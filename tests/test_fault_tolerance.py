@@ -518,6 +518,25 @@ def test_mid_epoch_checkpoint_of_another_device_type_is_one_error_line(
     assert "device=cuda" in last and "Traceback" not in err
 
 
+@pytest.mark.cuda
+def test_a_mid_epoch_gpu_checkpoint_resumes_on_the_gpu_only(tmp_path: Path, monkeypatch, capsys):
+    """On a GPU: the checkpoint holds this GPU's RNG state alone and the device type; resumed on
+    the CPU it stops with one line, on the GPU it goes on to the end."""
+    argv = ["pretrain", "--name", "g", *tiny(tmp_path, "device=cuda")]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "views", 1)  # 4 steps per epoch: stops after the second
+        assert main(argv) == EXIT_INTERRUPTED
+    state = load_checkpoint(tmp_path / "g" / "pretrain.pt")
+    (rank,) = state["ranks"]
+    assert state["next_batch"] == 2 and rank["device"] == "cuda"
+    assert isinstance(rank["rng"]["cuda"], torch.Tensor)  # not a list of every GPU's state
+    capsys.readouterr()
+    assert main([*argv[:-1], "device=cpu", "--resume"]) == 2
+    assert "on cuda, resumed on cpu" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*argv, "--resume"]) == 0
+    assert load_checkpoint(tmp_path / "g" / "pretrain.pt")["finished"]
+
+
 def test_missing_newest_checkpoint_uses_the_previous(killed_pretrain: Path, tmp_path: Path):
     run = tmp_path / "k"
     shutil.copytree(killed_pretrain, run)
