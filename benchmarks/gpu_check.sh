@@ -65,7 +65,7 @@ torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version
   step file_loader 120 file_loader.md "$py" benchmarks/file_loader.py --e2e-only --repeats 1 \
     --files 2048 --backbone resnet50 --batch-size 256 --device cuda --workers "$cores" \
     --modes per_sample fast fast+device_decode
-  step tests 60 tests.txt "$py" -m pytest -q -p no:cacheprovider tests/test_dist.py tests/engine
+  step tests 60 tests.txt "$py" -m pytest -q -p no:cacheprovider -m cuda
   step throughput_off 60 throughput.md \
     "$py" "${bench[@]}" --amp off --setting demo --setting cifar --setting imagenet
   step compile 90 throughput.md \

@@ -59,7 +59,7 @@ def test_collective_device_follows_the_backend(monkeypatch):
     assert dist._collective_device() == torch.device("cuda", 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and nccl")
+@pytest.mark.cuda
 def test_any_rank_reduces_on_the_cuda_device_with_nccl(monkeypatch):
     # A one-process nccl group; the reduction itself is called (any_rank skips it for one rank).
     if not tdist.is_nccl_available():

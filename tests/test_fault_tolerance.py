@@ -33,6 +33,7 @@ from dscl.checkpoint import (
     previous_path,
     read_checkpoint,
     read_stage1,
+    save_checkpoint,
     verify_readable,
 )
 from dscl.cli import main
@@ -491,6 +492,49 @@ def test_no_readable_checkpoint_is_one_error_line(killed_pretrain: Path, tmp_pat
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("dscl: error:") and "pretrain.prev.pt" in lines[-1]
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_mid_epoch_checkpoint_of_another_device_type_is_one_error_line(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """A checkpoint written in the middle of an epoch on a GPU (its augmentation position is a
+    CUDA generator's state, which a CPU generator cannot load) and resumed on the CPU: exit 2,
+    one line naming both device types and the setting that resumes it."""
+    argv = ["pretrain", "--name", "p", *tiny(tmp_path)]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "views", 1)  # 4 steps per epoch: stops after the second
+        assert main(argv) == EXIT_INTERRUPTED
+    path = tmp_path / "p" / "pretrain.pt"
+    state = load_checkpoint(path)
+    assert state["next_batch"] == 2 and state["ranks"][0]["feed"] is not None
+    # what a GPU run saves: the state of a CUDA generator is 16 bytes (seed and offset)
+    state["ranks"][0] |= {"device": "cuda", "feed": torch.zeros(16, dtype=torch.uint8)}
+    save_checkpoint(state, path)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"dscl: error: {path}: ") and "on cuda, resumed on cpu" in last
+    assert "device=cuda" in last and "Traceback" not in err
+
+
+@pytest.mark.cuda
+def test_a_mid_epoch_gpu_checkpoint_resumes_on_the_gpu_only(tmp_path: Path, monkeypatch, capsys):
+    """On a GPU: the checkpoint holds this GPU's RNG state alone and the device type; resumed on
+    the CPU it stops with one line, on the GPU it goes on to the end."""
+    argv = ["pretrain", "--name", "g", *tiny(tmp_path, "device=cuda")]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "views", 1)  # 4 steps per epoch: stops after the second
+        assert main(argv) == EXIT_INTERRUPTED
+    state = load_checkpoint(tmp_path / "g" / "pretrain.pt")
+    (rank,) = state["ranks"]
+    assert state["next_batch"] == 2 and rank["device"] == "cuda"
+    assert isinstance(rank["rng"]["cuda"], torch.Tensor)  # not a list of every GPU's state
+    capsys.readouterr()
+    assert main([*argv[:-1], "device=cpu", "--resume"]) == 2
+    assert "on cuda, resumed on cpu" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*argv, "--resume"]) == 0
+    assert load_checkpoint(tmp_path / "g" / "pretrain.pt")["finished"]
 
 
 def test_missing_newest_checkpoint_uses_the_previous(killed_pretrain: Path, tmp_path: Path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dscl import dist, runfiles
@@ -24,15 +25,15 @@ from dscl.methods import LinearProbe, classifier_mode
 from dscl.models import Classifier, build_backbone
 
 
-def start_from_stage1_rng(stage1: dict[str, Any]) -> None:
+def start_from_stage1_rng(stage1: dict[str, Any], device: torch.device) -> None:
     """Continue from the RNG state stage 1 ended with: a no-op right after stage 1 in the same
     process, and what makes stage 2 of a run resumed between the stages (or ``dscl classify``
     on the same checkpoint) identical to an uninterrupted ``dscl run``."""
     ranks = stage1.get("ranks")
     if ranks is not None and len(ranks) == dist.get_world_size():
-        runtime.set_rng_state(ranks[dist.get_rank()]["rng"])
+        runtime.set_rng_state(ranks[dist.get_rank()]["rng"], device)
     elif "rng" in stage1:
-        runtime.set_rng_state(stage1["rng"])
+        runtime.set_rng_state(stage1["rng"], device)
 
 
 def train_classifier(
@@ -46,7 +47,7 @@ def train_classifier(
     if mode == "keep":
         return keep_classifier(ctx, stage1)
     if resume_state is None:
-        start_from_stage1_rng(stage1)
+        start_from_stage1_rng(stage1, device)
     backbone = build_backbone(cfg.model.backbone)
     backbone.load_state_dict(stage1["backbone"])
     probe = LinearProbe(backbone, ctx.splits.num_classes, c.bn_mode)

@@ -182,20 +182,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG state: torch's CPU generator, Python's, and, training on a GPU, that
+    GPU's generator only (the states of every visible GPU would not load where another number of
+    GPUs is visible, and the others are not this process's)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`; a saved GPU state goes to ``device`` only, and only when the
+    run trains on a GPU (on a CPU no GPU generator is used)."""
     torch.set_rng_state(state["torch"])
     random.setstate(
         tuple(state["python"]) if isinstance(state["python"], list) else state["python"]
     )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):  # fewer GPUs were visible when it was saved: none is this one's
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def warmup_cosine(base: float, epochs: int, steps_per_epoch: int, warmup_epochs: int) -> np.ndarray:

@@ -29,15 +29,31 @@ def check_interval(ctx) -> int:
 
 
 def rank_states(feed: TrainFeed) -> list[dict]:
-    """Every process's RNG state and augmentation position, for rank 0 to save."""
-    return dist.gather_objects({"rng": runtime.rng_state(), "feed": feed.position()})
+    """Every process's RNG state and augmentation position, for rank 0 to save, each with the
+    type of device it was made on ("cpu", "cuda"): a position is a generator state of that
+    device type and fits no other."""
+    return dist.gather_objects(
+        {
+            "rng": runtime.rng_state(feed.device),
+            "feed": feed.position(),
+            "device": feed.device.type,
+        }
+    )
 
 
-def restore_rank_state(state: dict, path: Path) -> torch.Tensor | None:
-    """Set this process's RNG from a checkpoint; return its saved augmentation position."""
+def restore_rank_state(
+    state: dict, path: Path, device: torch.device, *, mid_epoch: bool
+) -> torch.Tensor | None:
+    """Set this process's RNG from a checkpoint; return its saved augmentation position when
+    the run goes on in the middle of an epoch (None otherwise: the next epoch starts its own).
+
+    Raises:
+        CheckpointError: the checkpoint was written by another number of processes, or in the
+            middle of an epoch with an augmentation position made on another device type.
+    """
     ranks, world = state.get("ranks"), dist.get_world_size()
     if ranks is None:  # an epoch-end checkpoint of an older version: one RNG state
-        runtime.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"], device)
         return None
     if len(ranks) != world:
         raise CheckpointError(
@@ -45,8 +61,19 @@ def restore_rank_state(state: dict, path: Path) -> torch.Tensor | None:
             f"the same number of processes"
         )
     mine = ranks[dist.get_rank()]
-    runtime.set_rng_state(mine["rng"])
-    return mine["feed"]
+    position = mine["feed"] if mid_epoch else None
+    saved = mine.get("device", device.type)  # older checkpoints do not say: assume this one
+    if position is not None and saved != device.type:
+        # a CPU generator's state (5056 bytes) and a CUDA one's (16) do not load into each other,
+        # and no other generator would give the rest of the epoch its uninterrupted augmentations
+        raise CheckpointError(
+            f"{path}: saved in the middle of an epoch on {saved}, resumed on {device.type}; "
+            f"the epoch's augmentation state cannot move between device types: resume with "
+            f"device={saved}, or start the stage over (stage 1: --overwrite; stage 2: dscl "
+            f"classify without --resume)"
+        )
+    runtime.set_rng_state(mine["rng"], device)
+    return position
 
 
 def resume_position(state: dict, steps_per_epoch: int) -> tuple[int, int]:
@@ -100,10 +127,10 @@ def train_stage(
         opt.optimizer.load_state_dict(resume_state["optimizer"])
         if resume_state.get("scaler"):  # empty when the run had no loss scaling
             opt.scaler.load_state_dict(resume_state["scaler"])
-        position = restore_rank_state(resume_state, checkpoint)
         start_epoch, start_batch = resume_position(resume_state, steps)
-        if start_batch == 0:  # the epoch ended: the next one starts its own augmentation
-            position = None
+        position = restore_rank_state(
+            resume_state, checkpoint, feed.device, mid_epoch=start_batch > 0
+        )
         ctx.logger.info(
             f"resuming {label} from {checkpoint} at epoch {start_epoch + 1}, step {start_batch + 1}"
         )

@@ -1,0 +1,110 @@
+"""Per-process state in checkpoints: RNG states and the augmentation position, and the device
+type they were made on (a CUDA generator's state does not load into a CPU generator)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dscl.engine import runtime
+from dscl.engine.stage import rank_states, restore_rank_state
+from dscl.errors import CheckpointError
+
+CPU = torch.device("cpu")
+PATH = Path("run/pretrain.pt")
+
+
+def _fake_gpus(monkeypatch, count: int) -> tuple[list, list]:
+    """``count`` visible GPUs whose generators' states are ``[index] * 16``; returns the lists
+    of devices read and of (state, device) written. Asking for every GPU's state fails."""
+    read, written = [], []
+
+    def get_rng_state(device="cuda"):
+        read.append(torch.device(device))
+        return torch.full((16,), torch.device(device).index, dtype=torch.uint8)
+
+    def every_gpu(*args):
+        raise AssertionError("the state of every visible GPU was asked for")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d="cuda": written.append((s, d)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+    return read, written
+
+
+def test_rng_state_keeps_only_this_processs_gpu(monkeypatch):
+    """Saved and restored: the training GPU's generator, not those of all visible GPUs (which
+    would not load where another number of GPUs is visible)."""
+    read, written = _fake_gpus(monkeypatch, 2)
+    gpu = torch.device("cuda", 1)
+    state = runtime.rng_state(gpu)
+    assert read == [gpu] and torch.equal(state["cuda"], torch.full((16,), 1, dtype=torch.uint8))
+    runtime.set_rng_state(state, gpu)
+    assert len(written) == 1 and written[0][0] is state["cuda"] and written[0][1] == gpu
+
+
+def test_set_rng_state_takes_this_gpus_entry_of_an_older_checkpoint(monkeypatch):
+    """Older checkpoints hold every visible GPU's state: the training GPU's entry is restored,
+    and none where that GPU was not visible when it was saved."""
+    _, written = _fake_gpus(monkeypatch, 3)
+    old = runtime.rng_state(CPU) | {"cuda": [torch.zeros(16), torch.ones(16)]}
+    runtime.set_rng_state(old, torch.device("cuda", 1))
+    assert len(written) == 1 and written[0][0] is old["cuda"][1]
+    runtime.set_rng_state(old, torch.device("cuda", 2))
+    assert len(written) == 1
+
+
+def test_rng_state_on_a_cpu_is_torch_and_python_only(monkeypatch):
+    """Training on the CPU (GPUs visible or not) saves what it always did, and a saved GPU state
+    is not restored into any GPU."""
+    read, written = _fake_gpus(monkeypatch, 1)
+    state = runtime.rng_state(CPU)
+    assert state.keys() == {"torch", "python"} and not read
+    assert torch.equal(state["torch"], torch.get_rng_state())
+    assert state["python"] == random.getstate()
+    runtime.set_rng_state(state | {"cuda": torch.zeros(16, dtype=torch.uint8)}, CPU)
+    assert not written
+
+
+def test_rank_states_record_the_device_type():
+    feed = SimpleNamespace(device=CPU, position=lambda: torch.Generator().get_state())
+    (mine,) = rank_states(feed)
+    assert mine["device"] == "cpu" and mine["rng"].keys() == {"torch", "python"}
+
+
+def _checkpoint(position: torch.Tensor | None, **device) -> dict:
+    return {"ranks": [{"rng": runtime.rng_state(CPU), "feed": position, **device}]}
+
+
+# what a GPU run saves as its augmentation position: a CUDA generator's state (seed and offset)
+CUDA_POSITION = torch.zeros(16, dtype=torch.uint8)
+
+
+def test_a_mid_epoch_position_of_another_device_type_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError) as err:
+        restore_rank_state(_checkpoint(CUDA_POSITION, device="cuda"), PATH, CPU, mid_epoch=True)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{PATH}: ")
+    assert "on cuda, resumed on cpu" in text and "device=cuda" in text
+
+
+def test_a_position_that_is_not_used_may_come_from_another_device_type():
+    """At an epoch's end the next epoch starts its own generator; the DataLoader paths save no
+    position at all: neither stops a resume on another device type."""
+    for position, mid_epoch in ((CUDA_POSITION, False), (None, True)):
+        state = _checkpoint(position, device="cuda")
+        assert restore_rank_state(state, PATH, CPU, mid_epoch=mid_epoch) is None
+
+
+def test_a_position_of_an_older_checkpoint_is_taken_as_this_device_types():
+    position = torch.Generator().get_state()
+    assert restore_rank_state(_checkpoint(position), PATH, CPU, mid_epoch=True) is position
+    same = _checkpoint(position, device="cpu")
+    assert restore_rank_state(same, PATH, CPU, mid_epoch=True) is position
