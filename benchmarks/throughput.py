@@ -4,8 +4,10 @@ limit of the same settings.
 For each setting this times :func:`dscl.engine.loop.run_epoch` (the function ``dscl pretrain``
 runs) on in-memory synthetic images of the setting's size: the same views on the device, method
 step, backward, optimizer, EMA and queue. It prints images/s (median over timed epochs of a few
-steps), the share of a step spent making views, in the forward pass, the backward pass and the
-update (optimizer + EMA + queue), and peak memory (RSS on a CPU, allocated memory on a GPU).
+steps, with no synchronisation inside an epoch), then, from one more epoch, the share of a step
+spent making views, in the forward pass, the backward pass and the update (optimizer + EMA +
+queue), and peak memory (RSS of the process so far on a CPU, the setting's allocated memory on a
+GPU). The synthetic images of a setting are made once, for both measurements.
 
 The *compute limit* is the same encoder work with nothing else: the query view, key view and
 patches are made once, and each step only runs the query and patch forward + backward and the key
@@ -56,6 +58,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
+_IMAGES: dict[tuple, object] = {}
+
+
+def synthetic_images(counts: tuple[int, ...], size: int):
+    """The synthetic training set of ``counts`` images per class at ``size`` px, made once per
+    process (the training and limit measurements of a setting share it; making it takes longer
+    than a measurement at 224 px)."""
+    key = (counts, size)
+    if key not in _IMAGES:
+        _IMAGES[key] = make_synthetic(list(counts), size, seed=0, stream=0)
+    return _IMAGES[key]
+
+
 def build(setting: str, args, device: torch.device):
     backbone, view, patch, source, default_batch = SETTINGS[setting]
     batch = args.batch_size or default_batch
@@ -65,7 +80,7 @@ def build(setting: str, args, device: torch.device):
     view_cfg = ViewConfig(view_size=view, patch_size=patch)
     steps = args.steps
     counts = [batch * steps // 10 + 1] * 10
-    images = make_synthetic(counts, source, seed=0, stream=0)
+    images = synthetic_images(tuple(counts), source)
     method = build_method(cfg, DataInfo(num_classes=10, class_counts=tuple(counts)))
     feed = TrainFeed(
         images,
@@ -79,7 +94,7 @@ def build(setting: str, args, device: torch.device):
         request=ViewRequest() if args.all_patches else method.view_request(),
     )
     fmt = torch.channels_last if not args.no_channels_last else torch.contiguous_format
-    method.model.to(device, memory_format=fmt)
+    method.to(device, fmt)
     if args.compile:  # what `dscl pretrain compile=true` does
         runtime.compile_for_training(method.compile_targets(), device)
     method.start_training()
@@ -87,45 +102,40 @@ def build(setting: str, args, device: torch.device):
         method.trainable_parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4
     )
     amp = runtime.amp_dtype(args.amp, device)
-    lr_at = np.full(feed.steps_per_epoch * (args.epochs + 1), 0.01)
+    lr_at = np.full(feed.steps_per_epoch * (args.epochs + 2), 0.01)  # + the phase-split epoch
     opt = Optimization(optimizer, lr_at, runtime.grad_scaler(device, amp), device, amp, fmt)
     return cfg, view_cfg, feed, method, opt, batch
 
 
 def measure_training(setting: str, args, device: torch.device) -> dict:
-    """Images/s of run_epoch (median over epochs after one warm-up epoch) and the phase split."""
+    """Images/s of run_epoch (median over epochs after one warm-up epoch), then the phase split
+    from one more epoch: the split synchronises the device after every phase, which would slow
+    a GPU's images/s, so the two are measured apart."""
     _, _, feed, method, opt, batch = build(setting, args, device)
     steps = feed.steps_per_epoch
-    speeds, times, warmup = [], None, 0.0
+    speeds, warmup = [], 0.0
     for epoch in range(args.epochs + 1):
-        timer = StepTimes(device) if epoch > 0 and args.phases else None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps, times=timer)
+        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if epoch == 0:  # warms up (allocator, oneDNN kernels, cuDNN autotuning, compile)
             warmup = time.perf_counter() - start
         else:
             speeds.append(steps * batch / (time.perf_counter() - start))
-            if timer is not None:
-                times = timer if times is None else _merge(times, timer)
     split = {}
-    if times is not None:
+    if args.phases:
+        times = StepTimes(device)
+        epoch = args.epochs + 1
+        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps, times=times)
         total = sum(times.seconds.get(p, 0.0) for p in PHASES)
         split = {p: times.seconds.get(p, 0.0) / total for p in PHASES}
     rate = statistics.median(speeds)
     # the warm-up epoch's time beyond a steady epoch: one-off costs such as compiling
     extra = warmup - steps * batch / rate
     return {"images_per_s": rate, "split": split, "batch": batch, "warmup_extra_s": extra}
-
-
-def _merge(a: StepTimes, b: StepTimes) -> StepTimes:
-    for key, value in b.seconds.items():
-        a.seconds[key] = a.seconds.get(key, 0.0) + value
-    a.steps += b.steps
-    return a
 
 
 def measure_limit(setting: str, args, device: torch.device) -> float:
@@ -215,6 +225,8 @@ def main() -> None:
     print("|" + "---|" * 13)
     for setting in args.setting or ["demo", "cifar"]:
         backbone, view, patch, _, _ = SETTINGS[setting]
+        if device.type == "cuda":  # each setting's own peak (a CPU's peak RSS cannot be reset)
+            torch.cuda.reset_peak_memory_stats(device)
         trained = measure_training(setting, args, device)
         limit = measure_limit(setting, args, device)
         split = trained["split"]
