@@ -197,6 +197,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--no-phases", dest="phases", action="store_false")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="append",
+        choices=("on", "off"),
+        help="torch.backends.cudnn.benchmark for each setting (repeatable: on and off measure "
+        "each setting twice, in this order); default: torch's",
+    )
     parser.add_argument("--compile", action="store_true", help="as compile=true in a config")
     parser.add_argument(
         "--all-patches",
@@ -219,26 +226,36 @@ def main() -> None:
         f"method {args.method} {' '.join(args.set)}, compile={args.compile}",
         flush=True,
     )
-    header = "| setting | backbone | view/patch px | batch | images/s | limit images/s | share "
-    header += "of limit | data | forward | backward | update | peak memory GiB | one-off s |"
+    header = "| setting | backbone | view/patch px | batch | cudnn benchmark | images/s | limit "
+    header += "images/s | share of limit | data | forward | backward | update | peak memory GiB "
+    header += "| one-off s |"
     print(header)
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 14)
     for setting in args.setting or ["demo", "cifar"]:
-        backbone, view, patch, _, _ = SETTINGS[setting]
-        if device.type == "cuda":  # each setting's own peak (a CPU's peak RSS cannot be reset)
-            torch.cuda.reset_peak_memory_stats(device)
-        trained = measure_training(setting, args, device)
-        limit = measure_limit(setting, args, device)
-        split = trained["split"]
-        cells = [f"{100 * split[p]:.0f}%" if split else "-" for p in PHASES]
-        print(
-            f"| {setting} | {backbone} | {view}/{patch} | {trained['batch']} | "
-            f"{trained['images_per_s']:.1f} | {limit:.1f} | "
-            f"{100 * trained['images_per_s'] / limit:.0f}% | " + " | ".join(cells) + " | "
-            f"{peak_memory_gib(device):.2f} | {trained['warmup_extra_s']:.1f} |",
-            flush=True,
-        )
+        for bench in args.cudnn_benchmark or [None]:
+            if bench is not None:
+                torch.backends.cudnn.benchmark = bench == "on"
+            print_setting(setting, args, device, torch.backends.cudnn.benchmark)
     sys.stdout.flush()
+
+
+def print_setting(setting: str, args, device: torch.device, cudnn_benchmark: bool) -> None:
+    """Measure ``setting`` and print its row as soon as it is measured."""
+    backbone, view, patch, _, _ = SETTINGS[setting]
+    if device.type == "cuda":  # each setting's own peak (a CPU's peak RSS cannot be reset)
+        torch.cuda.reset_peak_memory_stats(device)
+    trained = measure_training(setting, args, device)
+    limit = measure_limit(setting, args, device)
+    split = trained["split"]
+    cells = [f"{100 * split[p]:.0f}%" if split else "-" for p in PHASES]
+    bench = ("on" if cudnn_benchmark else "off") if device.type == "cuda" else "-"
+    print(
+        f"| {setting} | {backbone} | {view}/{patch} | {trained['batch']} | {bench} | "
+        f"{trained['images_per_s']:.1f} | {limit:.1f} | "
+        f"{100 * trained['images_per_s'] / limit:.0f}% | " + " | ".join(cells) + " | "
+        f"{peak_memory_gib(device):.2f} | {trained['warmup_extra_s']:.1f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -258,9 +258,10 @@ def test_student_equals_encoding_each_patch_separately() -> None:
                 torch.testing.assert_close(out.student[j, b], alone, rtol=0, atol=1e-5)
 
 
-def test_teacher_rois_stay_float32_under_bf16_autocast(monkeypatch) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_teacher_rois_stay_float32_under_bf16_autocast(monkeypatch, device: str) -> None:
     # 320 images × 5 patches: image indices past 256 are not exact in bf16 (257 -> 256), so a
-    # roi built in the autocast dtype cuts the region from a neighbouring image. Under CPU bf16
+    # roi built in the autocast dtype cuts the region from a neighbouring image. Under bf16
     # autocast every roi must carry its own image's exact index and the float32 boxes, and
     # every region must come from its own image (image b's map holds b // 16 in its first
     # channel and b % 16 in the others, values a bf16 map holds exactly).
@@ -275,7 +276,7 @@ def test_teacher_rois_stay_float32_under_bf16_autocast(monkeypatch) -> None:
         return seen["regions"]
 
     monkeypatch.setattr(contrastive, "roi_align", spy)
-    model = _resnet32_model().eval()
+    model = _resnet32_model().eval().to(device)
     batch, num_patches = 320, 5
     torch.manual_seed(4)
     corner = torch.rand(batch, num_patches, 2) * 20.0
@@ -283,9 +284,9 @@ def test_teacher_rois_stay_float32_under_bf16_autocast(monkeypatch) -> None:
     index = torch.arange(batch, dtype=torch.float32)[:, None, None, None]
     fmap = (index % 16).expand(batch, 64, 8, 8).clone()
     fmap[:, 0] = index[:, 0] // 16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model._teacher(fmap.to(torch.bfloat16), boxes)
-    rois, regions = seen["rois"], seen["regions"]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        model._teacher(fmap.to(device, torch.bfloat16), boxes.to(device))
+    rois, regions = seen["rois"].cpu(), seen["regions"].cpu()
     expected_index = torch.arange(batch, dtype=torch.float32).repeat_interleave(num_patches)
     assert rois.dtype == torch.float32
     assert torch.equal(rois[:, 0], expected_index)
