@@ -1,0 +1,175 @@
+"""data.decode_on_device's machinery (dscl.data.device_decode, TrainFeed's loader): how a batch
+crosses from the workers. (Its pixels against the other paths: test_file_views.py and
+test_named_views.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dscl
+from dscl.data import ImageFileDataset
+from dscl.data.device_decode import (
+    JpegBatch,
+    JpegBytes,
+    collate_items,
+)
+from dscl.data.fileviews import FileCrops
+from dscl.data.named_views import MOCO_VIEW, randaugment_view
+from dscl.data.views import ViewConfig, ViewRequest
+
+CPU = torch.device("cpu")
+EXTRA = (("moco", MOCO_VIEW), ("strong", randaugment_view(2, 5)))
+
+
+def _image(path: Path, height: int, width: int, seed: int) -> str:
+    """A smooth RGB image (compresses like a photograph) saved at ``path`` (JPEG or PNG)."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray((rng.random((3, 4, 3)) * 255).astype(np.uint8))
+    low.resize((width, height), Image.BICUBIC).save(path, quality=90)
+    return str(path)
+
+
+def _dataset(tmp_path: Path, count: int = 6, png: bool = True) -> ImageFileDataset:
+    paths = [_image(tmp_path / f"{i}.jpg", 30 + 3 * i, 40 + 2 * i, i) for i in range(count)]
+    if png:  # not a JPEG: cropped in the worker
+        paths.insert(2, _image(tmp_path / "x.png", 35, 45, 99))
+    return ImageFileDataset(paths, [i % 2 for i in range(len(paths))], ["a", "b"])
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """Every tensor in ``value``: what a worker's batch sends as shared memory, one file each."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif isinstance(value, JpegBatch):
+        value = [getattr(value, f.name) for f in fields(value)]
+    elif hasattr(value, "__dataclass_fields__"):
+        value = [getattr(value, name) for name in value.__dataclass_fields__]
+    elif not isinstance(value, list | tuple):
+        return []
+    return [t for v in value for t in _tensors(v)]
+
+
+# ---------------------------------------------------------------- a batch crosses as a few tensors
+
+
+@pytest.mark.parametrize(
+    "kind, request_",
+    [
+        ("views", ViewRequest(("query", "key", "patches"), EXTRA)),
+        ("views", ViewRequest(("key",), ())),
+        ("views", ViewRequest((), EXTRA)),
+        ("classify", None),
+    ],
+)
+def test_a_batch_crosses_as_a_few_tensors_and_unpacks_to_its_items(tmp_path, kind, request_):
+    """The workers' collate makes as many tensors for 28 items as for 7 (before: two or more per
+    item, so a batch of 256 held some 512 open files), and the batch gives back every item as
+    ``JpegBytes`` made it: the same bytes and the same draws."""
+    cfg = ViewConfig(view_size=16, num_patches=2)
+    kw = {} if request_ is None else {"request": request_}
+    dataset = _dataset(tmp_path)
+    source = JpegBytes(FileCrops(dataset, kind, cfg, **kw))
+    small = [source[(seed, seed % len(dataset))] for seed in range(len(dataset))]
+    large = [source[(seed, seed % len(dataset))] for seed in range(4 * len(dataset))]
+    batch, labels = collate_items(small)
+    assert isinstance(batch, JpegBatch)
+    assert torch.equal(labels, torch.tensor([label for _, label in small]))
+    count = len(_tensors(batch))
+    assert count == len(_tensors(collate_items(large)[0]))
+    assert count < len(_tensors([item for item, _ in large]))
+    assert len(batch) == len(small)
+    for (item, _), back in zip(small, batch, strict=True):
+        assert back.keys() == item.keys()
+        assert back["path"] == item["path"]
+        if "jpeg" not in item:
+            assert _same(back["crops"], item["crops"])
+            continue
+        assert torch.equal(back["jpeg"], item["jpeg"])
+        if kind == "classify":
+            assert (back["box"], back["flip"]) == (item["box"], item["flip"])
+            continue
+        assert _same(back["draws"], item["draws"]) and _same(back["named"], item["named"])
+
+
+def _same(a, b) -> bool:
+    """Equal values of equal types: tensors by dtype, shape and value, containers item by item."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if hasattr(a, "__dataclass_fields__"):
+        return all(_same(getattr(a, k), getattr(b, k)) for k in a.__dataclass_fields__)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+_UNDER_A_FILE_LIMIT = """
+import sys, torch
+from dscl.data import ImageFileDataset
+from dscl.data.device_decode import DeviceDecoder
+from dscl.data.views import ViewConfig
+from dscl.engine.feed import TrainFeed
+
+paths = sys.argv[1:] * 16
+cfg, cpu = ViewConfig(view_size=16), torch.device("cpu")
+data = ImageFileDataset(paths, [i % 2 for i in range(len(paths))], ["a", "b"])
+feed = TrainFeed(
+    data, kind="views", view_cfg=cfg, batch_size=256, balanced=False, seed=0, device=cpu,
+    num_workers=2,
+)
+feed.decoder = DeviceDecoder("views", cfg, cpu)  # the CUDA code path, decoding on the CPU
+count = 0
+for batch in feed.epoch(0):
+    assert batch.inputs["query"].shape == (256, 3, 16, 16)
+    count += 1
+print("batches", count)
+"""
+
+
+def test_the_device_decode_feed_runs_under_a_limit_of_1024_open_files(tmp_path):
+    """Two workers, batches of 256, ``ulimit -n 1024``: every batch arrives. Items sent one by
+    one ran the limit out (the worker printed "Too many open files" and the main process waited
+    for its batch for ever); here a hang fails the test after two minutes."""
+    paths = [_image(tmp_path / f"{i}.jpg", 32, 32, i) for i in range(32)]
+
+    def limit() -> None:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    src = str(Path(dscl.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _UNDER_A_FILE_LIMIT, *paths],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=limit,
+        start_new_session=True,  # its workers too are stopped on a hang
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no batch for two minutes under ulimit -n 1024:\n{err[-2000:]}")
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split() == ["batches", "2"]
