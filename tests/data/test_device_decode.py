@@ -1,6 +1,6 @@
 """data.decode_on_device's machinery (dscl.data.device_decode, TrainFeed's loader): how a batch
-crosses from the workers. (Its pixels against the other paths: test_file_views.py and
-test_named_views.py.)
+crosses from the workers, and that a decode on a GPU waits for the work queued before it. (Its
+pixels against the other paths: test_file_views.py and test_named_views.py.)
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import torch
 from PIL import Image
 
 import dscl
-from dscl.data import ImageFileDataset
+from dscl.data import ImageFileDataset, device_decode
 from dscl.data.device_decode import (
+    DeviceDecoder,
     JpegBatch,
     JpegBytes,
     collate_items,
+    pack_items,
+    wait_for_queued_work,
 )
 from dscl.data.fileviews import FileCrops
 from dscl.data.named_views import MOCO_VIEW, randaugment_view
@@ -173,3 +176,125 @@ def test_the_device_decode_feed_runs_under_a_limit_of_1024_open_files(tmp_path):
         pytest.fail(f"no batch for two minutes under ulimit -n 1024:\n{err[-2000:]}")
     assert proc.returncode == 0, err[-2000:]
     assert out.split() == ["batches", "2"]
+
+
+# ---------------------------------------------------------------- waiting for the queued work
+
+
+def test_every_decode_on_a_cuda_device_first_waits_for_the_queued_work(tmp_path, monkeypatch):
+    """nvJPEG writes its outputs without waiting for the work queued on the current stream
+    (pytorch/vision#9606), so the decoder waits for it before each decode: the batch's and,
+    when the batch is refused, each single image's. The decoder's device here is CUDA, its
+    decode_jpeg torchvision's CPU one."""
+    calls: list[str] = []
+    monkeypatch.setattr(
+        device_decode, "wait_for_queued_work", lambda device: calls.append(f"wait {device}")
+    )
+    cfg = ViewConfig(view_size=16)
+    dataset = _dataset(tmp_path, count=3)
+    source = JpegBytes(FileCrops(dataset, "classify", cfg))
+    batch = pack_items([source[(0, i)][0] for i in range(len(dataset))])
+    decoder = DeviceDecoder("classify", cfg, torch.device("cuda"))
+    cpu_decode, refuse = decoder.decode_jpeg, [False]
+
+    def decode(data, device):
+        calls.append(f"decode {device}")
+        if refuse[0] and isinstance(data, list):
+            raise RuntimeError("refused")
+        return cpu_decode(data, device=CPU)
+
+    decoder.decode_jpeg = decode
+    images = decoder.decode(batch)
+    assert calls == ["wait cuda", "decode cuda"]
+    calls.clear()
+    refuse[0] = True
+    one_by_one = decoder.decode(batch)
+    assert calls == ["wait cuda", "decode cuda"] * 4  # the batch, then its three JPEGs
+    for a, b in zip(images, one_by_one, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_wait_synchronises_the_current_cuda_stream_and_nothing_elsewhere(monkeypatch):
+    synced: list[torch.device] = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def synchronize(self):
+            synced.append(self.device)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    wait_for_queued_work(CPU)
+    assert synced == []
+    wait_for_queued_work(torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)]
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+def _busy_gpu(device: torch.device) -> None:
+    """Queue some hundred milliseconds of matrix products on ``device``'s current stream."""
+    a = torch.randn(8192, 8192, device=device)
+    b = torch.empty_like(a)
+    for _ in range(4):
+        torch.mm(a, a, out=b)
+        torch.mm(b, b, out=a)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoding_on_a_busy_gpu_gives_the_pixels_of_an_idle_one(tmp_path):
+    """Blocks of the decoded images' sizes are written by kernels queued behind long matrix
+    products and freed at once, so the caching allocator hands them to the decode's outputs: a
+    decode that did not wait would be overwritten (pytorch/vision#9606). Every image must equal,
+    byte for byte, the same decode on an idle GPU (nvJPEG's own pixels: its IDCT and upsampling
+    need not match libjpeg-turbo's), every time."""
+    cuda = torch.device("cuda")
+    cfg = ViewConfig(view_size=16)
+    paths = [_image(tmp_path / f"{i}.jpg", 40 + i, 56 + 2 * i, i) for i in range(16)]
+    dataset = ImageFileDataset(paths, [0] * len(paths), ["a"])
+    source = JpegBytes(FileCrops(dataset, "classify", cfg))
+    batch, _ = collate_items([source[(0, i)] for i in range(len(paths))])
+    batch = batch.pin_memory()  # as the DataLoader gives it on CUDA
+    assert all(t.is_pinned() for t in _tensors(batch))
+    decoder = DeviceDecoder("classify", cfg, cuda)
+    torch.cuda.synchronize()
+    idle = [image.cpu() for image in decoder.decode(batch)]
+    for trial in range(10):
+        scratch = [torch.empty(image.shape, dtype=torch.uint8, device=cuda) for image in idle]
+        _busy_gpu(cuda)
+        for block in scratch:
+            block.fill_(trial + 1)
+        del scratch
+        busy = decoder.decode(batch)
+        for i, (a, b) in enumerate(zip(busy, idle, strict=True)):
+            assert torch.equal(a.cpu(), b), (trial, i)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["views", "classify"])
+def test_the_decoder_makes_its_batch_on_the_gpu_as_on_the_cpu(tmp_path, kind):
+    """The whole batch (a PNG cropped in the worker among the JPEGs) made on the GPU: every
+    tensor there, the draws equal to the CPU's, the pixels close (nvJPEG's decode differs from
+    libjpeg-turbo's by a level here and there)."""
+    cuda = torch.device("cuda")
+    cfg = ViewConfig(view_size=16, num_patches=2)
+    kw = {"request": ViewRequest(("query", "key", "patches"), EXTRA)} if kind == "views" else {}
+    dataset = _dataset(tmp_path)
+    source = JpegBytes(FileCrops(dataset, kind, cfg, **kw))
+    batch, _ = collate_items([source[(7 + i, i)] for i in range(len(dataset))])
+    torch.manual_seed(0)
+    on_cpu = DeviceDecoder(kind, cfg, CPU, **kw)(batch)
+    torch.manual_seed(0)
+    on_gpu = DeviceDecoder(kind, cfg, cuda, **kw)(batch.pin_memory())
+    assert on_gpu.keys() == on_cpu.keys()
+    for name, value in on_gpu.items():
+        assert value.device.type == "cuda", name
+        assert value.shape == on_cpu[name].shape and value.dtype == on_cpu[name].dtype, name
+        if value.is_floating_point() and name != "boxes":
+            assert (value.cpu() - on_cpu[name]).abs().mean() < 0.05, name
+        else:
+            assert torch.equal(value.cpu(), on_cpu[name]), name

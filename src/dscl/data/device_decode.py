@@ -270,6 +270,27 @@ class _RowDraws:
         return dict(self.rows)  # a copy: assemble_crops deletes from it
 
 
+def wait_for_queued_work(device: torch.device) -> None:
+    """Return when the work queued on ``device``'s current stream has run; a no-op off CUDA.
+
+    Called before every decode on the device. torchvision's ``decode_jpeg(..., device="cuda")``
+    allocates its outputs on the current stream but writes them from nvJPEG's own stream, which
+    does not wait for the current one (pytorch/vision#9606: 134 of 200 decodes corrupted on an
+    H100, none once the current stream was synchronised first). The training loop queues a step
+    and goes on without waiting, and the caching allocator hands a block back as soon as its
+    last use is queued, so without this a decode could write memory that kernels of the
+    previous step, still queued, read or write.
+
+    Synchronising (upstream's advice) rather than decoding on a side stream: the decode blocks
+    the CPU until it is done anyway (torchvision synchronises nvJPEG's stream before it
+    returns); what the wait costs is the overlap of the decode with the end of the previous
+    step. A side stream (outputs allocated there, ``record_stream`` on the training stream)
+    would keep that overlap, at the price of its own memory pool.
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class DeviceDecoder:
     """The main process's part: decode a ``JpegBatch`` on ``device`` and make the model inputs
     there (the dict of ``fileviews.finish_batch``)."""
@@ -290,6 +311,7 @@ class DeviceDecoder:
         files = batch.files()
         if not files:
             return []
+        wait_for_queued_work(self.device)  # before decode_jpeg allocates its outputs: see there
         try:
             return self.decode_jpeg(files, device=self.device)
         except RuntimeError:  # one bad file fails the batch: decode one by one
@@ -297,6 +319,7 @@ class DeviceDecoder:
             return [self._one(data, path) for data, path in zip(files, paths, strict=True)]
 
     def _one(self, data: Tensor, path: str) -> Tensor:
+        wait_for_queued_work(self.device)
         try:
             return self.decode_jpeg(data, device=self.device)
         except RuntimeError:  # the CPU decoders' verdict: their pixels, or their DataError
