@@ -1,14 +1,17 @@
 """data.decode_on_device's machinery (dscl.data.device_decode, TrainFeed's loader): how a batch
-crosses from the workers, and that a decode on a GPU waits for the work queued before it. (Its
-pixels against the other paths: test_file_views.py and test_named_views.py.)
+crosses from the workers, that a decode on a GPU waits for the work queued before it, and that a
+stalled loader stops the run. (Its pixels against the other paths: test_file_views.py and
+test_named_views.py.)
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -30,6 +33,9 @@ from dscl.data.device_decode import (
 from dscl.data.fileviews import FileCrops
 from dscl.data.named_views import MOCO_VIEW, randaugment_view
 from dscl.data.views import ViewConfig, ViewRequest
+from dscl.engine import feed as feed_module
+from dscl.engine.feed import TrainFeed
+from dscl.errors import SetupError
 
 CPU = torch.device("cpu")
 EXTRA = (("moco", MOCO_VIEW), ("strong", randaugment_view(2, 5)))
@@ -176,6 +182,45 @@ def test_the_device_decode_feed_runs_under_a_limit_of_1024_open_files(tmp_path):
         pytest.fail(f"no batch for two minutes under ulimit -n 1024:\n{err[-2000:]}")
     assert proc.returncode == 0, err[-2000:]
     assert out.split() == ["batches", "2"]
+
+
+# ---------------------------------------------------------------- a stalled loader
+
+
+def test_a_stalled_loader_stops_with_a_one_line_error(tmp_path, monkeypatch):
+    """A worker that never delivers its batch stops the epoch after ``LOADER_TIMEOUT_S`` with a
+    one-line ``SetupError`` naming what to check, not the DataLoader's bare RuntimeError (and a
+    loader without workers, which a DataLoader refuses a timeout, gets none)."""
+    monkeypatch.setattr(feed_module, "LOADER_TIMEOUT_S", 1)
+    go_on = tmp_path / "go_on"
+    read = JpegBytes.__getitem__
+
+    def stalled(self, item):  # (the workers fork from here, patched)
+        while not go_on.exists():
+            time.sleep(0.05)
+        return read(self, item)
+
+    monkeypatch.setattr(JpegBytes, "__getitem__", stalled)
+    dataset = _dataset(tmp_path, count=4, png=False)
+    cfg = ViewConfig(view_size=16)
+    feed = TrainFeed(
+        dataset, kind="views", view_cfg=cfg, batch_size=4, balanced=False, seed=0, device=CPU
+    )
+    assert feed._loader(dataset, [], 0).timeout == 0
+    feed.num_workers = 1
+    feed.decoder = DeviceDecoder("views", cfg, CPU)
+    try:
+        with pytest.raises(SetupError) as info:
+            list(feed.epoch(0))
+    finally:
+        go_on.touch()  # the worker finishes and the loader shuts down now, not at a later test
+        gc.collect()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "data.num_workers: no batch came from the 1 DataLoader workers in 1 s"
+    )
+    assert "ulimit -n" in message and "memory" in message
 
 
 # ---------------------------------------------------------------- waiting for the queued work
