@@ -2,7 +2,9 @@
 
 A worker (``JpegBytes``) reads a file, takes its size from the JPEG frame header and draws the
 item's parameters exactly as ``fileviews.FileCrops`` does (same generator, same order); it returns
-the bytes and the parameters, no pixels. The main process (``DeviceDecoder``) decodes the batch's
+the bytes and the parameters, no pixels. The worker's ``collate_items`` packs a batch of them into
+a few tensors (``JpegBatch``: the bytes end to end, the parameters stacked), so that a batch, not
+every item, crosses to the main process. The main process (``DeviceDecoder``) decodes the batch's
 JPEGs in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on a GPU) and crops
 there in float with the per-sample path's ``crop_ops.crop_resize`` (patches batched with
 ``resample_boxes``), then runs the colour ops of ``views.finish_views``.
@@ -16,15 +18,19 @@ Meant for CUDA; on a CPU it works the same (torchvision's CPU decoder), which is
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from itertools import accumulate
+
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from dscl.data.crop_ops import CROP_RATIO, crop_resize, normalise, resample_boxes
 from dscl.data.decode import decode_rgb, jpeg_decoder, jpeg_header, read_bytes
 from dscl.data.fileviews import (
     CLASSIFY,
     VIEWS,
+    Draws,
     FileCrops,
     _aspects,
     _boxes,
@@ -37,6 +43,10 @@ from dscl.data.fileviews import (
 )
 from dscl.data.views import ALL_VIEWS, ViewConfig, ViewRequest, to_device
 from dscl.errors import SetupError
+
+# the drawn parameters that place and flip crops: read on the CPU as Python numbers (crop_resize
+# slices the image with them); the others (patch boxes and flips, colour, seeds) go to the device
+GEOMETRY = ("box", "flip", "query_box", "query_flip", "key_box", "key_flip")
 
 
 class JpegBytes(Dataset):
@@ -71,15 +81,219 @@ class JpegBytes(Dataset):
         return out, label
 
 
+@dataclass
+class JpegBatch:
+    """A batch of ``JpegBytes`` items as it crosses from a worker to the main process.
+
+    A few tensors whatever the batch size: every tensor that crosses is a shared-memory file
+    whose descriptor stays open while the tensor lives, and items sent one by one (two or more
+    tensors each) ran a limit of 1,024 open files out at a batch of 256 with two workers (the
+    worker drops the batch and the main process waits for it forever).
+
+    Attributes:
+        data: (N,) uint8, the files of the J JPEG items end to end.
+        offsets: (J + 1,) int64: JPEG item j is ``data[offsets[j] : offsets[j + 1]]``.
+        jpeg: (B,) whether each item, in batch order, is a JPEG (else cropped in the worker).
+        paths: (B,) the items' files.
+        draws: the J JPEG items' parameters, each stacked on a first dimension J
+            (``_draw_tensors``' nesting); empty when J = 0.
+        crops: the K other items' worker crops collated (K first), or None when K = 0.
+    """
+
+    data: Tensor
+    offsets: Tensor
+    jpeg: list[bool]
+    paths: list[str]
+    draws: dict
+    crops: Tensor | dict | None
+
+    def __len__(self) -> int:
+        return len(self.jpeg)
+
+    def __getitem__(self, i: int) -> dict:
+        """Item ``i`` as ``JpegBytes`` made it (its tensors are views into the batch's)."""
+        path, before = self.paths[i], self.jpeg[:i]
+        if not self.jpeg[i]:
+            return {"crops": _row(self.crops, before.count(False)), "path": path}
+        j = before.count(True)
+        item = {"jpeg": self.files()[j], "path": path}
+        lists, tensors = _split(self.draws)
+        if "box" in lists:  # classify
+            return {**item, "box": tuple(lists["box"][j]), "flip": lists["flip"][j]}
+        draws = None
+        if "draws" in lists:
+            geometry, rows = lists["draws"], _row(tensors["draws"], j)
+            draws = Draws(
+                tuple(geometry["query_box"][j]),
+                geometry["query_flip"][j],
+                [tuple(int(v) for v in box) for box in rows["boxes"].tolist()],
+                rows["patch_flips"].tolist(),
+                tuple(geometry["key_box"][j]),
+                geometry["key_flip"][j],
+                rows.get("color"),
+            )
+        named = _named(lists["named"], tensors["named"], j)
+        for draw in named.values():
+            draw["box"] = tuple(draw["box"])
+        return {**item, "draws": draws, "named": named}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def files(self) -> list[Tensor]:
+        """The J JPEG files' bytes, (n_j,) uint8 views of ``data``."""
+        at = self.offsets.tolist()
+        return [self.data[a:b] for a, b in zip(at[:-1], at[1:], strict=True)]
+
+    def pin_memory(self) -> JpegBatch:
+        """The batch in page-locked memory (what a DataLoader with ``pin_memory`` calls), so its
+        copies to the device can be asynchronous."""
+        return replace(
+            self,
+            data=self.data.pin_memory(),
+            draws=_pinned(self.draws),
+            crops=_pinned(self.crops),
+        )
+
+
+def _draw_tensors(item: dict) -> dict:
+    """A JPEG item's drawn parameters as tensors, for ``default_collate`` to stack. Classify:
+    ``box`` (4,) int64 and ``flip`` () bool. Views: under ``draws`` (standard views) the query's
+    and key's boxes and flips and ``Draws.tensors()``, the patches' float boxes, their flips and
+    the colour uniforms as the batch carries them; under ``named`` each named view's box, flip,
+    and colour (1, 12) and seed (1,) as drawn."""
+    if "box" in item:
+        return {"box": torch.tensor(item["box"]), "flip": torch.tensor(item["flip"])}
+    named = {
+        name: {
+            "box": torch.tensor(draw["box"]),
+            "flip": torch.tensor(draw["flip"]),
+            **{key: draw[key] for key in ("color", "seed") if key in draw},
+        }
+        for name, draw in item["named"].items()
+    }
+    out: dict = {"named": named}
+    draws = item["draws"]
+    if draws is not None:
+        out["draws"] = {
+            "query_box": torch.tensor(draws.query_box),
+            "query_flip": torch.tensor(draws.query_flip),
+            "key_box": torch.tensor(draws.key_box),
+            "key_flip": torch.tensor(draws.key_flip),
+            **draws.tensors(),  # boxes (L, 4) float32, patch_flips (L,), color (2 + L, 12)
+        }
+    return out
+
+
+def pack_items(items: list[dict]) -> JpegBatch:
+    """``JpegBytes`` items → one ``JpegBatch``. In a worker the bytes are joined straight into
+    shared memory (as ``default_collate`` does with the tensors it stacks there), so crossing
+    to the main process copies nothing more."""
+    files = [item["jpeg"] for item in items if "jpeg" in item]
+    offsets = torch.tensor([0, *accumulate(len(data) for data in files)], dtype=torch.int64)
+    data = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+    if files:
+        if get_worker_info() is not None:
+            data.share_memory_()
+        torch.cat(files, out=data)
+    others = [item["crops"] for item in items if "jpeg" not in item]
+    return JpegBatch(
+        data=data,
+        offsets=offsets,
+        jpeg=["jpeg" in item for item in items],
+        paths=[item["path"] for item in items],
+        draws=default_collate([_draw_tensors(item) for item in items if "jpeg" in item])
+        if files
+        else {},
+        # one feed's worker crops all have the same shapes, so they always stack
+        crops=default_collate(others) if others else None,
+    )
+
+
 def collate_items(batch):
-    """A list of ``JpegBytes`` items (kept apart: sizes differ) and the labels (B,)."""
+    """The workers' ``collate_fn``: ``JpegBytes`` (item, label) pairs → (``JpegBatch``, labels
+    (B,))."""
     items, labels = zip(*batch, strict=True)
-    return list(items), torch.as_tensor(labels, dtype=torch.long)
+    return pack_items(list(items)), torch.as_tensor(labels, dtype=torch.long)
+
+
+def _row(value, i: int):
+    """Row ``i`` of every tensor in ``value`` (a tensor or nested dicts of them)."""
+    if isinstance(value, dict):
+        return {key: _row(v, i) for key, v in value.items()}
+    return value[i]
+
+
+def _pinned(value):
+    if isinstance(value, Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {key: _pinned(v) for key, v in value.items()}
+    return value
+
+
+def _split(draws: dict) -> tuple[dict, dict]:
+    """Stacked draws → (their ``GEOMETRY`` tensors as Python lists, one ``tolist`` each; the
+    other tensors), both in the draws' nesting."""
+    lists, tensors = {}, {}
+    for key, value in draws.items():
+        if isinstance(value, dict):
+            lists[key], tensors[key] = _split(value)
+        elif key in GEOMETRY:
+            lists[key] = value.tolist()
+        else:
+            tensors[key] = value
+    return lists, tensors
+
+
+def _named(lists: dict, tensors: dict, j: int) -> dict[str, dict]:
+    """JPEG item j's named-view draws as ``draw_named_one`` gives them (the box as a list), from
+    the batch's (``_split``): its colour (1, 12) and seed (1,) rows of ``tensors``."""
+    return {
+        name: {"box": lists[name]["box"][j], "flip": lists[name]["flip"][j], **_row(rows, j)}
+        for name, rows in tensors.items()
+    }
+
+
+@dataclass
+class _RowDraws:
+    """A JPEG item's ``fileviews.Draws`` as ``assemble_crops`` reads them, ``tensors()`` rows of
+    the batch's parameters moved to the device together (one copy per batch, not per image)."""
+
+    query_box: list[int]
+    query_flip: bool
+    key_box: list[int]
+    key_flip: bool
+    rows: dict[str, Tensor]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(self.rows)  # a copy: assemble_crops deletes from it
+
+
+def wait_for_queued_work(device: torch.device) -> None:
+    """Return when the work queued on ``device``'s current stream has run; a no-op off CUDA.
+
+    Called before every decode on the device. torchvision's ``decode_jpeg(..., device="cuda")``
+    allocates its outputs on the current stream but writes them from nvJPEG's own stream, which
+    does not wait for the current one (pytorch/vision#9606: 134 of 200 decodes corrupted on an
+    H100, none once the current stream was synchronised first). The training loop queues a step
+    and goes on without waiting, and the caching allocator hands a block back as soon as its
+    last use is queued, so without this a decode could write memory that kernels of the
+    previous step, still queued, read or write.
+
+    Synchronising (upstream's advice) rather than decoding on a side stream: the decode blocks
+    the CPU until it is done anyway (torchvision synchronises nvJPEG's stream before it
+    returns); what the wait costs is the overlap of the decode with the end of the previous
+    step. A side stream (outputs allocated there, ``record_stream`` on the training stream)
+    would keep that overlap, at the price of its own memory pool.
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 class DeviceDecoder:
-    """The main process's part: decode a batch of ``JpegBytes`` items on ``device`` and make the
-    model inputs there (the dict of ``fileviews.finish_batch``)."""
+    """The main process's part: decode a ``JpegBatch`` on ``device`` and make the model inputs
+    there (the dict of ``fileviews.finish_batch``)."""
 
     def __init__(
         self, kind: str, cfg: ViewConfig, device: torch.device, request: ViewRequest = ALL_VIEWS
@@ -92,70 +306,100 @@ class DeviceDecoder:
                 "are deprecated from 0.29 on); set data.decode_on_device=false"
             )
 
-    def decode(self, items: list[dict]) -> list[Tensor | None]:
-        """(3, H, W) uint8 on the device for every JPEG item (None for the others)."""
-        jpegs = [i for i, item in enumerate(items) if "jpeg" in item]
-        images: list[Tensor | None] = [None] * len(items)
-        if not jpegs:
-            return images
-        data = [items[i]["jpeg"] for i in jpegs]
+    def decode(self, batch: JpegBatch) -> list[Tensor]:
+        """(3, H, W) uint8 on the device for each of the batch's J JPEGs, in order."""
+        files = batch.files()
+        if not files:
+            return []
+        wait_for_queued_work(self.device)  # before decode_jpeg allocates its outputs: see there
         try:
-            decoded = self.decode_jpeg(data, device=self.device)
+            return self.decode_jpeg(files, device=self.device)
         except RuntimeError:  # one bad file fails the batch: decode one by one
-            decoded = [self._one(items[i]) for i in jpegs]
-        for i, image in zip(jpegs, decoded, strict=True):
-            images[i] = image
-        return images
+            paths = [path for path, jpeg in zip(batch.paths, batch.jpeg, strict=True) if jpeg]
+            return [self._one(data, path) for data, path in zip(files, paths, strict=True)]
 
-    def _one(self, item: dict) -> Tensor:
+    def _one(self, data: Tensor, path: str) -> Tensor:
+        wait_for_queued_work(self.device)
         try:
-            return self.decode_jpeg(item["jpeg"], device=self.device)
+            return self.decode_jpeg(data, device=self.device)
         except RuntimeError:  # the CPU decoders' verdict: their pixels, or their DataError
-            return decode_rgb(item["path"]).to(self.device)
+            return decode_rgb(path).to(self.device)
 
-    def __call__(self, items: list[dict]) -> dict[str, Tensor]:
-        images = self.decode(items)
-        cfg = self.cfg
+    def __call__(self, batch: JpegBatch | list[dict]) -> dict[str, Tensor]:
+        """Model inputs from ``batch`` (or from a list of ``JpegBytes`` items, packed here)."""
+        if not isinstance(batch, JpegBatch):
+            batch = pack_items(list(batch))
+        images = self.decode(batch)
+        cfg, device = self.cfg, self.device
+        # each of the batch's tensors goes to the device in one copy (asynchronous from pinned
+        # memory), not image by image; the crop boxes and flips are read on the CPU
+        lists, params = _split(batch.draws)
+        crops = to_device(batch.crops, device, non_blocking=True)
         if self.kind == CLASSIFY:
-            views = []
-            for item, image in zip(items, images, strict=True):
-                if image is None:
-                    views.append(to_planes(item["crops"].to(self.device)))  # (3, S, S)
-                else:
-                    views.append(
-                        crop_resize(image, torch.tensor(item["box"]), cfg.view_size, item["flip"])
-                    )
+            worker = None if crops is None else to_planes(crops)  # (K, 3, S, S)
+            views = [
+                worker[k]
+                if j is None
+                else crop_resize(
+                    images[j], torch.tensor(lists["box"][j]), cfg.view_size, lists["flip"][j]
+                )
+                for j, k in _places(batch.jpeg)
+            ]
             return {"image": normalise(torch.stack(views), cfg.mean, cfg.std)}
+        worker = None if crops is None else self._worker_crops(crops)
+        params = to_device(params, device, non_blocking=True)
         made = [
-            self._worker_crops(item["crops"]) if image is None else self._crops(item, image)
-            for item, image in zip(items, images, strict=True)
+            _row(worker, k) if j is None else self._crops(images[j], j, lists, params)
+            for j, k in _places(batch.jpeg)
         ]
         return finish_crops(default_collate(made), cfg, self.request)
 
     def _worker_crops(self, crops: dict) -> dict:
-        """A worker's ``view_crops`` of one image (not a plain JPEG), on the device, its uint8
-        crops as float planes like the crops made here."""
-        out = to_device(crops, self.device)
+        """The workers' collated ``view_crops`` of the images that are not plain JPEGs, on the
+        device, their uint8 crops as float planes like the crops made here."""
+        out = dict(crops)
         for name in ("query", "key", "patches"):
             if name in out:
                 out[name] = to_planes(out[name])
-        for named in out.get("named", {}).values():
-            named["crop"] = to_planes(named["crop"])
+        out["named"] = {
+            name: {**named, "crop": to_planes(named["crop"])}
+            for name, named in out.get("named", {}).items()
+        }
         return out
 
-    def _crops(self, item: dict, image: Tensor) -> dict:
-        """The request's crops of one image decoded on the device, as float (3, S, S) planes,
-        with their parameters."""
-        cfg, device = self.cfg, self.device
+    def _crops(self, image: Tensor, j: int, lists: dict, params: dict) -> dict:
+        """The request's crops of JPEG item j decoded on the device, as float (3, S, S) planes,
+        with their parameters (``lists`` and ``params``: the batch's, from ``_split``)."""
+        cfg = self.cfg
+        draws = None
+        if "draws" in lists:
+            geometry = lists["draws"]
+            draws = _RowDraws(
+                geometry["query_box"][j],
+                geometry["query_flip"][j],
+                geometry["key_box"][j],
+                geometry["key_flip"][j],
+                _row(params["draws"], j),
+            )
 
         def crop(image: Tensor, box, size: int, flip: bool) -> Tensor:
             return crop_resize(image, torch.tensor(box), size, flip)
 
         def cut_patches(query: Tensor, tensors: dict) -> Tensor:
-            boxes, flips = tensors["boxes"].to(device), tensors["patch_flips"].to(device)
+            boxes, flips = tensors["boxes"], tensors["patch_flips"]
             return resample_boxes(query[None], boxes[None], flips[None], cfg.patch_px)[0]
 
-        out = assemble_crops(
-            image, item["draws"], item["named"], self.request, cfg, crop, cut_patches
-        )
-        return to_device(out, device)
+        named = _named(lists["named"], params["named"], j)
+        return assemble_crops(image, draws, named, self.request, cfg, crop, cut_patches)
+
+
+def _places(jpeg: list[bool]):
+    """(j, None) for the j-th JPEG item, (None, k) for the k-th other one, in batch order."""
+    j = k = 0
+    for is_jpeg in jpeg:
+        if is_jpeg:
+            yield j, None
+            j += 1
+        else:
+            yield None, k
+            k += 1

@@ -39,10 +39,15 @@ from dscl.data.views import (
     classifier_train_transform,
     eval_transform,
 )
-from dscl.errors import DataError
+from dscl.errors import DataError, SetupError
 from dscl.methods.base import CLASSIFY, VIEWS
 
 FILE_VIEWS = ("fast", "per_sample")  # data.file_views
+# seconds a training loader with workers may go without a batch before the run stops: a worker
+# whose batch never arrives (its queue's feeder thread failed, e.g. "Too many open files", and the
+# worker lives on) would otherwise leave the main process waiting for ever. Far above a batch's
+# time even with slow storage and large batches, so that only a stalled loader hits it.
+LOADER_TIMEOUT_S = 600
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -225,6 +230,7 @@ class TrainFeed:
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            timeout=LOADER_TIMEOUT_S if self.num_workers > 0 else 0,  # 0: none (needs workers)
             # its own generator: the loader's seed draw must not advance the global RNG, or a
             # resumed epoch would continue with another RNG state than an uninterrupted one
             generator=torch.Generator().manual_seed(seed),
@@ -265,7 +271,7 @@ class TrainFeed:
         loader = self._loader(
             PositionSeeded(self.dataset), positions, _epoch_seed(self.seed, epoch, self.rank)
         )
-        for sample, labels in loader:
+        for sample, labels in _worker_errors(loader):
             if self.kind == VIEWS:
                 inputs = {k: v.to(self.device, non_blocking=True) for k, v in sample.items()}
             else:
@@ -283,7 +289,8 @@ def finished_batch(items, *, kind: str, cfg: ViewConfig, request: ViewRequest):
 def _worker_errors(loader: DataLoader) -> Iterator:
     """``loader``'s batches; a ``DataError`` raised in a worker is raised again with its own
     one-line message (a DataLoader wraps it in "Caught DataError in DataLoader worker ..." and
-    the worker's traceback)."""
+    the worker's traceback), and a loader that timed out (``LOADER_TIMEOUT_S``) stops with a
+    one-line ``SetupError`` saying what to check."""
     try:
         yield from loader
     except DataError as err:
@@ -293,6 +300,16 @@ def _worker_errors(loader: DataLoader) -> Iterator:
         if text.startswith("Caught DataError") and last.startswith(prefix):
             raise DataError(last[len(prefix) :]) from None
         raise
+    except RuntimeError as err:
+        if not str(err).startswith("DataLoader timed out after"):
+            raise
+        raise SetupError(
+            f"data.num_workers: no batch came from the {loader.num_workers} DataLoader workers "
+            f"in {loader.timeout:g} s (a worker hangs or lost a batch); look for an error "
+            "printed by a worker above, such as 'Too many open files' (raise the limit: "
+            "ulimit -n) or one of memory (fewer data.num_workers, or more memory), and check "
+            "that the data files can be read"
+        ) from None
 
 
 class PositionSeeded(Dataset):
