@@ -6,8 +6,9 @@ What must hold:
 - the per-sample, in-memory, fast-file and device-decode paths draw the same boxes, flips,
   colour uniforms and RandAugment seeds for the same generator state, and make the same pixels
   up to float rounding (and the fast path's uint8 rounding);
-- RandAugment is torchvision's, image by image under the drawn seed, and leaves the caller's
-  RNG alone;
+- RandAugment is ``dscl.data.randaugment`` under the drawn seeds (its agreement with
+  torchvision's is ``test_randaugment.py``), image by image whatever the batch, and leaves the
+  caller's RNG alone;
 - a mid-epoch resume gives the batches of an uninterrupted epoch;
 - bad requests and specs fail naming what is wrong.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import default_collate
-from torchvision.transforms import v2
 
 from dscl.data import ImageFileDataset
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
@@ -27,9 +27,10 @@ from dscl.data.named_views import (
     SIMCLR_VIEW,
     ViewSpec,
     draw_named,
-    randaugment,
+    finish_named,
     randaugment_view,
 )
+from dscl.data.randaugment import randaugment
 from dscl.data.views import (
     BatchedMultiView,
     MultiViewTransform,
@@ -108,18 +109,26 @@ def test_per_sample_equals_a_batch_of_one(color):
             assert diff < FLOAT_TOLERANCE, (seed, name, float(diff))
 
 
-def test_randaugment_is_torchvisions_under_each_drawn_seed_and_keeps_the_callers_rng():
-    x = torch.rand(3, 3, 10, 10)
-    seeds = torch.tensor([5, 7, 5])
+def test_randaugment_is_the_batched_one_under_each_drawn_seed_and_keeps_the_callers_rng():
+    """The named view's last steps are colour, ``randaugment`` under the seeds ``draw_named``
+    drew and normalisation; each image's result is the one it gets alone (the per-sample path's
+    batch of one), and torch's RNG is not touched. (This replaces a check that each image was
+    torchvision's RandAugment under ``torch.manual_seed(seed)``: the ops are now chosen from
+    the seed without torch's RNG, and ``test_randaugment.py`` compares them with torchvision's
+    op by op and in distribution.)"""
+    spec = ViewSpec(hue=0.0, p_jitter=1.0, randaugment=(2, 9))
+    params = draw_named(spec, 5, 10, 10, False, torch.Generator().manual_seed(8))
+    x = torch.rand(5, 3, 10, 10, generator=torch.Generator().manual_seed(9))
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    out = randaugment(x, seeds, 2, 9)
+    out = finish_named(x, spec, None, params.seeds, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.equal(torch.get_rng_state(), before)
-    transform = v2.RandAugment(num_ops=2, magnitude=9)
-    for i, seed in enumerate(seeds.tolist()):
-        torch.manual_seed(seed)
-        assert torch.equal(out[i], transform(x[i]))
-    other = randaugment(x, torch.tensor([6, 8, 9]), 2, 9)
+    expected = (randaugment(x, params.seeds, 2, 9) - 0.5) / 0.25
+    assert (out - expected).abs().max() < 1e-6
+    for i in range(5):
+        alone = randaugment(x[i : i + 1], params.seeds[i : i + 1], 2, 9)
+        assert (alone[0] - (out[i] * 0.25 + 0.5)).abs().max() < 1e-6, i
+    other = finish_named(x, spec, None, params.seeds + 1, 10, (0.5,) * 3, (0.25,) * 3)
     assert not torch.equal(other, out)
 
 

@@ -13,12 +13,12 @@ path of the feed makes them the same way:
    in-memory data (``crop_ops.resample_boxes``), per image in the workers otherwise
    (``crop_ops.crop_resize``, or uint8 crops on the fast file path).
 3. **Finish** (``finish_named``, shared by every path): the colour ops of ``color_ops`` on the
-   whole batch, then RandAugment image by image, then normalisation.
+   whole batch, then RandAugment on the whole batch, then normalisation.
 
-RandAugment is torchvision's ``transforms.v2.RandAugment`` (a maintained implementation that
-works on float tensors on any device); each image runs it under torch's CPU RNG seeded with its
-own drawn seed, so the result depends only on the feed's generator, never on the worker or the
-resume point.
+RandAugment is ``dscl.data.randaugment``: torchvision's ``transforms.v2.RandAugment`` (its ops,
+magnitudes and signs) batched on the images' device, each image's ops chosen by its drawn seed
+alone, so the result depends only on the feed's generator, never on the path, the worker, the
+batch or the resume point, and nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from dscl.data.color_ops import ColorParams, apply_color, blur_kernel_size, color_params
 from dscl.data.crop_ops import CROP_RATIO, check_interval, draw_boxes, draw_flips, normalise
+from dscl.data.randaugment import randaugment
 
 SEED_LIMIT = 2**62  # RandAugment seeds are drawn uniformly in [0, SEED_LIMIT)
 
@@ -46,8 +47,8 @@ class ViewSpec:
         p_jitter: probability of the colour jitter.
         p_gray: probability of grayscale.
         p_blur: probability of Gaussian blur (never below ``ViewConfig.blur_min_size``).
-        randaugment: (number of ops, magnitude) of torchvision's RandAugment after the colour
-            ops, or None for none.
+        randaugment: (number of ops, magnitude) of RandAugment (torchvision's, batched:
+            ``dscl.data.randaugment``) after the colour ops, or None for none.
         size: the view's side in pixels; None: the run's view size (``data.view_size``).
     """
 
@@ -150,21 +151,6 @@ def named_colors(spec: ViewSpec, color: Tensor) -> ColorParams:
     )
 
 
-def randaugment(images: Tensor, seeds: Tensor, ops: int, magnitude: int) -> Tensor:
-    """torchvision's RandAugment(ops, magnitude) on each of (N, 3, S, S) float images in [0, 1],
-    image i under torch's CPU RNG seeded with ``seeds[i]`` (the caller's RNG is left as it was).
-    Empty areas of the geometric ops are filled with 0, torchvision's default."""
-    from torchvision.transforms import v2
-
-    transform = v2.RandAugment(num_ops=ops, magnitude=magnitude)
-    out = torch.empty_like(images)
-    for i, seed in enumerate(seeds.tolist()):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out[i] = transform(images[i])
-    return out
-
-
 def finish_named(
     crops: Tensor,
     spec: ViewSpec,
@@ -180,7 +166,7 @@ def finish_named(
         crops: (N, 3, S, S) float in [0, 1], cropped, resized and flipped.
         spec: the view's augmentation.
         color: (N, 12) colour uniforms of the N images (``NamedParams.color``), None: no colour.
-        seeds: (N,) RandAugment seeds, None: no RandAugment.
+        seeds: (N,) int64 RandAugment seeds (each picks its image's ops), None: no RandAugment.
         blur_min_size, mean, std: the run's view settings.
 
     Returns:
