@@ -84,26 +84,31 @@ def test_label_check_on_the_gpu_path_is_queued_on_the_device():
         check_label_range("labels", labels, 2)  # the device's assertion, with the message
 
 
-METHOD_SETTINGS = {
-    "bcl": ["bcl.augment=stage1"],
-    "paco": ["paco.augment=stage1"],
-}
+METHODS = ["ce", "supcon", "dscl", "supcon+pbsd", "dscl+pbsd", "bcl", "paco"]
+# BCL and PaCo with the standard views too (their default is their authors' views)
+CASES = [(m, []) for m in METHODS] + [
+    ("bcl", ["bcl.augment=stage1"]),
+    ("paco", ["paco.augment=stage1"]),
+]
 
 
+@pytest.mark.parametrize("path", ["memory", "files", "device_decode"])
 @pytest.mark.parametrize(
-    "method", ["ce", "supcon", "dscl", "supcon+pbsd", "dscl+pbsd", "bcl", "paco"]
+    ("method", "settings"), CASES, ids=lambda v: "-".join(v) if isinstance(v, list) else v
 )
-def test_a_training_step_never_waits_for_the_host(method):
-    # One epoch of 3 steps in memory on the GPU's path; the middle one (batch, step, backward,
-    # optimizer, EMA, queue) runs under the audit: no read-back, no data-dependent size, no
-    # tensor from host data.
+def test_a_training_step_never_waits_for_the_host(method, settings, path):
+    # One epoch of 3 steps on the GPU's path (in memory, from JPEG files with one worker, or
+    # decoded in the main process); the middle one (the main process's part of the batch, step,
+    # backward, optimizer, EMA, queue) runs under the audit: no read-back, no data-dependent
+    # size, no tensor from host data.
     result = _sync_audit().audit_method(
         method,
         torch.device("cpu"),
         image_size=16,
         batch=16,
         steps=3,
-        overrides=["pretrain.queue_size=32", *METHOD_SETTINGS.get(method, [])],
+        overrides=["pretrain.queue_size=32", *settings],
+        path=path,
     )
     audit = result["audit"]
     assert result["steps"] == 1

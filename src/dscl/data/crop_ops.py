@@ -18,6 +18,7 @@ argument checks and the final normalisation. Conventions:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -159,9 +160,12 @@ def check_batch(images: object) -> Tensor:
     return to_unit(images)
 
 
-def crop_resize(image: Tensor, box: Tensor, size: int, flip: bool = False) -> Tensor:
-    """Crop (3, H, W) ``image`` at integer ``box`` (x1, y1, x2, y2), resize to (3, size, size)."""
-    x1, y1, x2, y2 = (int(v) for v in box.tolist())
+def crop_resize(
+    image: Tensor, box: Tensor | Sequence[int], size: int, flip: bool = False
+) -> Tensor:
+    """Crop (3, H, W) ``image`` at integer ``box`` (x1, y1, x2, y2; a CPU tensor or Python
+    numbers), resize to (3, size, size)."""
+    x1, y1, x2, y2 = (int(v) for v in (box.tolist() if isinstance(box, Tensor) else box))
     crop = to_unit(image[None, :, y1:y2, x1:x2])  # (1, 3, h, w)
     out = F.interpolate(
         crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True

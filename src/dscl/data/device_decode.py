@@ -92,19 +92,23 @@ class JpegBatch:
 
     Attributes:
         data: (N,) uint8, the files of the J JPEG items end to end.
-        offsets: (J + 1,) int64: JPEG item j is ``data[offsets[j] : offsets[j + 1]]``.
+        offsets: J + 1 byte offsets: JPEG item j is ``data[offsets[j] : offsets[j + 1]]``.
         jpeg: (B,) whether each item, in batch order, is a JPEG (else cropped in the worker).
         paths: (B,) the items' files.
-        draws: the J JPEG items' parameters, each stacked on a first dimension J
-            (``_draw_tensors``' nesting); empty when J = 0.
+        geometry: the J JPEG items' ``GEOMETRY`` draws (crop boxes and flips) as Python lists,
+            ``_draw_tensors``' nesting: the main process slices the images with them, so they
+            are read on the host, and made lists in the worker they cost it no read-back.
+        params: the J items' other parameters (patch boxes and flips, colour, seeds), each
+            stacked on a first dimension J, for the device; both empty when J = 0.
         crops: the K other items' worker crops collated (K first), or None when K = 0.
     """
 
     data: Tensor
-    offsets: Tensor
+    offsets: list[int]
     jpeg: list[bool]
     paths: list[str]
-    draws: dict
+    geometry: dict
+    params: dict
     crops: Tensor | dict | None
 
     def __len__(self) -> int:
@@ -117,7 +121,7 @@ class JpegBatch:
             return {"crops": _row(self.crops, before.count(False)), "path": path}
         j = before.count(True)
         item = {"jpeg": self.files()[j], "path": path}
-        lists, tensors = _split(self.draws)
+        lists, tensors = self.geometry, self.params
         if "box" in lists:  # classify
             return {**item, "box": tuple(lists["box"][j]), "flip": lists["flip"][j]}
         draws = None
@@ -142,7 +146,7 @@ class JpegBatch:
 
     def files(self) -> list[Tensor]:
         """The J JPEG files' bytes, (n_j,) uint8 views of ``data``."""
-        at = self.offsets.tolist()
+        at = self.offsets
         return [self.data[a:b] for a, b in zip(at[:-1], at[1:], strict=True)]
 
     def pin_memory(self) -> JpegBatch:
@@ -151,7 +155,7 @@ class JpegBatch:
         return replace(
             self,
             data=self.data.pin_memory(),
-            draws=_pinned(self.draws),
+            params=_pinned(self.params),
             crops=_pinned(self.crops),
         )
 
@@ -190,21 +194,22 @@ def pack_items(items: list[dict]) -> JpegBatch:
     shared memory (as ``default_collate`` does with the tensors it stacks there), so crossing
     to the main process copies nothing more."""
     files = [item["jpeg"] for item in items if "jpeg" in item]
-    offsets = torch.tensor([0, *accumulate(len(data) for data in files)], dtype=torch.int64)
-    data = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+    offsets = [0, *accumulate(len(data) for data in files)]
+    data = torch.empty(offsets[-1], dtype=torch.uint8)
     if files:
         if get_worker_info() is not None:
             data.share_memory_()
         torch.cat(files, out=data)
     others = [item["crops"] for item in items if "jpeg" not in item]
+    draws = [_draw_tensors(item) for item in items if "jpeg" in item]
+    geometry, params = _split(default_collate(draws)) if draws else ({}, {})
     return JpegBatch(
         data=data,
         offsets=offsets,
         jpeg=["jpeg" in item for item in items],
         paths=[item["path"] for item in items],
-        draws=default_collate([_draw_tensors(item) for item in items if "jpeg" in item])
-        if files
-        else {},
+        geometry=geometry,
+        params=params,
         # one feed's worker crops all have the same shapes, so they always stack
         crops=default_collate(others) if others else None,
     )
@@ -332,17 +337,15 @@ class DeviceDecoder:
         images = self.decode(batch)
         cfg, device = self.cfg, self.device
         # each of the batch's tensors goes to the device in one copy (asynchronous from pinned
-        # memory), not image by image; the crop boxes and flips are read on the CPU
-        lists, params = _split(batch.draws)
+        # memory), not image by image; the crop boxes and flips came as Python lists
+        lists, params = batch.geometry, batch.params
         crops = to_device(batch.crops, device, non_blocking=True)
         if self.kind == CLASSIFY:
             worker = None if crops is None else to_planes(crops)  # (K, 3, S, S)
             views = [
                 worker[k]
                 if j is None
-                else crop_resize(
-                    images[j], torch.tensor(lists["box"][j]), cfg.view_size, lists["flip"][j]
-                )
+                else crop_resize(images[j], lists["box"][j], cfg.view_size, lists["flip"][j])
                 for j, k in _places(batch.jpeg)
             ]
             return {"image": normalise(torch.stack(views), cfg.mean, cfg.std)}
@@ -382,15 +385,12 @@ class DeviceDecoder:
                 _row(params["draws"], j),
             )
 
-        def crop(image: Tensor, box, size: int, flip: bool) -> Tensor:
-            return crop_resize(image, torch.tensor(box), size, flip)
-
         def cut_patches(query: Tensor, tensors: dict) -> Tensor:
             boxes, flips = tensors["boxes"], tensors["patch_flips"]
             return resample_boxes(query[None], boxes[None], flips[None], cfg.patch_px)[0]
 
         named = _named(lists["named"], params["named"], j)
-        return assemble_crops(image, draws, named, self.request, cfg, crop, cut_patches)
+        return assemble_crops(image, draws, named, self.request, cfg, crop_resize, cut_patches)
 
 
 def _places(jpeg: list[bool]):

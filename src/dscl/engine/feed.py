@@ -39,6 +39,7 @@ from dscl.data.views import (
     classifier_train_transform,
     eval_transform,
 )
+from dscl.device_path import sync_free
 from dscl.errors import DataError, SetupError
 from dscl.methods.base import CLASSIFY, VIEWS
 
@@ -117,10 +118,11 @@ class TrainFeed:
         if kind == VIEWS and not request.standard and not request.extra:
             raise ValueError("request: names no view at all")
         self.request = request
-        # decoding on the device needs nvJPEG, so on a CPU the workers decode (tests set a decoder);
+        # decoding on the device needs nvJPEG, so on a CPU the workers decode (but inside
+        # device_path.gpu_path, where a CPU takes the GPU's way, with torchvision's CPU decoder);
         # made here so that a torchvision without decode_jpeg stops the run before it starts
         self.decoder: DeviceDecoder | None = None
-        if decode_on_device and device.type == "cuda":
+        if decode_on_device and sync_free(device):
             self.decoder = DeviceDecoder(kind, view_cfg, device, request)
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
         self.device, self.num_workers = device, num_workers
@@ -246,7 +248,7 @@ class TrainFeed:
             for items, labels in _worker_errors(loader):
                 yield Batch(self.decoder(items), labels.to(self.device, non_blocking=True))
             return
-        if self.device.type == "cpu" and self.num_workers > 0:
+        if not sync_free(self.device) and self.num_workers > 0:
             # training on the CPU: the workers are the spare cores, so each finishes its own
             # batches (colour ops and normalisation, batched) instead of the main process
             finish = partial(
