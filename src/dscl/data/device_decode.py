@@ -320,6 +320,10 @@ class DeviceDecoder:
         try:
             return self.decode_jpeg(files, device=self.device)
         except RuntimeError:  # one bad file fails the batch: decode one by one
+            # the failed call's outputs are freed with it while nvJPEG's stream may still write
+            # them: wait for every stream of the device before their memory is handed out again
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             paths = [path for path, jpeg in zip(batch.paths, batch.jpeg, strict=True) if jpeg]
             return [self._one(data, path) for data, path in zip(files, paths, strict=True)]
 
