@@ -235,6 +235,9 @@ def test_every_decode_on_a_cuda_device_first_waits_for_the_queued_work(tmp_path,
     monkeypatch.setattr(
         device_decode, "wait_for_queued_work", lambda device: calls.append(f"wait {device}")
     )
+    monkeypatch.setattr(
+        device_decode, "wait_for_device", lambda device: calls.append(f"idle {device}")
+    )
     cfg = ViewConfig(view_size=16)
     dataset = _dataset(tmp_path, count=3)
     source = JpegBytes(FileCrops(dataset, "classify", cfg))
@@ -254,7 +257,8 @@ def test_every_decode_on_a_cuda_device_first_waits_for_the_queued_work(tmp_path,
     calls.clear()
     refuse[0] = True
     one_by_one = decoder.decode(batch)
-    assert calls == ["wait cuda", "decode cuda"] * 4  # the batch, then its three JPEGs
+    # the batch, the whole device idle (the refused call's outputs), then its three JPEGs
+    assert calls == ["wait cuda", "decode cuda", "idle cuda"] + ["wait cuda", "decode cuda"] * 3
     for a, b in zip(images, one_by_one, strict=True):
         assert torch.equal(a, b)
 
@@ -343,3 +347,19 @@ def test_the_decoder_makes_its_batch_on_the_gpu_as_on_the_cpu(tmp_path, kind):
             assert (value.cpu() - on_cpu[name]).abs().mean() < 0.05, name
         else:
             assert torch.equal(value.cpu(), on_cpu[name]), name
+
+
+def test_patches_cut_for_the_whole_batch_are_each_images_own():
+    # The decoder cuts every JPEG item's patches in one batched resample; each image's patches
+    # are exactly those of a resample of that image alone (what it did before, image by image).
+    from dscl.data.crop_ops import resample_boxes
+
+    g = torch.Generator().manual_seed(0)
+    queries = torch.rand(32, 3, 24, 24, generator=g)
+    corner = torch.rand(32, 5, 2, generator=g) * 12
+    boxes = torch.cat([corner, corner + 3 + torch.rand(32, 5, 2, generator=g) * 8], dim=2)
+    flips = torch.rand(32, 5, generator=g) < 0.5
+    batched = resample_boxes(queries, boxes, flips, 7)
+    for i in range(32):
+        alone = resample_boxes(queries[i : i + 1], boxes[i : i + 1], flips[i : i + 1], 7)[0]
+        assert torch.equal(batched[i], alone), i

@@ -296,6 +296,14 @@ def wait_for_queued_work(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Return when every stream of ``device`` is idle; a no-op off CUDA. After a failed batch
+    decode: its outputs are freed with it while nvJPEG's stream may still write them, so their
+    memory must not be handed out again before it is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class DeviceDecoder:
     """The main process's part: decode a ``JpegBatch`` on ``device`` and make the model inputs
     there (the dict of ``fileviews.finish_batch``)."""
@@ -320,10 +328,7 @@ class DeviceDecoder:
         try:
             return self.decode_jpeg(files, device=self.device)
         except RuntimeError:  # one bad file fails the batch: decode one by one
-            # the failed call's outputs are freed with it while nvJPEG's stream may still write
-            # them: wait for every stream of the device before their memory is handed out again
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            wait_for_device(self.device)
             paths = [path for path, jpeg in zip(batch.paths, batch.jpeg, strict=True) if jpeg]
             return [self._one(data, path) for data, path in zip(files, paths, strict=True)]
 
@@ -355,10 +360,18 @@ class DeviceDecoder:
             return {"image": normalise(torch.stack(views), cfg.mean, cfg.std)}
         worker = None if crops is None else self._worker_crops(crops)
         params = to_device(params, device, non_blocking=True)
+        uncut: list[tuple[dict, Tensor]] = []  # (JPEG item, its query view): patches to cut
         made = [
-            _row(worker, k) if j is None else self._crops(images[j], j, lists, params)
+            _row(worker, k) if j is None else self._crops(images[j], j, lists, params, uncut)
             for j, k in _places(batch.jpeg)
         ]
+        if uncut:  # every JPEG item's patches in one batched resample, not one call per image
+            items, queries = zip(*uncut, strict=True)
+            boxes = torch.stack([item["boxes"] for item in items])  # (J, L, 4)
+            flips = torch.stack([item["patch_flips"] for item in items])  # (J, L)
+            patches = resample_boxes(torch.stack(queries), boxes, flips, cfg.patch_px)
+            for item, cut in zip(items, patches, strict=True):
+                item["patches"] = cut  # (L, 3, P, P)
         return finish_crops(default_collate(made), cfg, self.request)
 
     def _worker_crops(self, crops: dict) -> dict:
@@ -374,9 +387,13 @@ class DeviceDecoder:
         }
         return out
 
-    def _crops(self, image: Tensor, j: int, lists: dict, params: dict) -> dict:
+    def _crops(
+        self, image: Tensor, j: int, lists: dict, params: dict, uncut: list[tuple[dict, Tensor]]
+    ) -> dict:
         """The request's crops of JPEG item j decoded on the device, as float (3, S, S) planes,
-        with their parameters (``lists`` and ``params``: the batch's, from ``_split``)."""
+        with their parameters (``lists`` and ``params``: the batch's ``geometry`` and
+        ``params``). Its patches are left to cut with the batch's: the item and its query view
+        are appended to ``uncut``."""
         cfg = self.cfg
         draws = None
         if "draws" in lists:
@@ -389,12 +406,16 @@ class DeviceDecoder:
                 _row(params["draws"], j),
             )
 
-        def cut_patches(query: Tensor, tensors: dict) -> Tensor:
-            boxes, flips = tensors["boxes"], tensors["patch_flips"]
-            return resample_boxes(query[None], boxes[None], flips[None], cfg.patch_px)[0]
+        query_view: list[Tensor] = []
+
+        def cut_patches(query: Tensor, _tensors: dict) -> None:
+            query_view.append(query)  # cut in __call__, with the other items' patches
 
         named = _named(lists["named"], params["named"], j)
-        return assemble_crops(image, draws, named, self.request, cfg, crop_resize, cut_patches)
+        out = assemble_crops(image, draws, named, self.request, cfg, crop_resize, cut_patches)
+        if query_view:
+            uncut.append((out, query_view[0]))
+        return out
 
 
 def _places(jpeg: list[bool]):
