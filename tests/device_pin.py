@@ -3,6 +3,10 @@
 Unmarked tests compare results bit for bit with runs made on the CPU, so on a machine with a GPU
 they must not pick it up through ``device=auto``: neither in this process
 (``runtime.select_device``) nor in the ``dscl`` processes they start.
+
+A test that needs CUDA is marked ``@pytest.mark.cuda`` (skipped where there is none), never
+``skipif(not torch.cuda.is_available())``: under the pin that condition is False at collection
+even on a GPU machine, so such a test would never run.
 """
 
 from __future__ import annotations

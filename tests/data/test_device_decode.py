@@ -293,7 +293,6 @@ def _busy_gpu(device: torch.device) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decoding_on_a_busy_gpu_gives_the_pixels_of_an_idle_one(tmp_path):
     """Blocks of the decoded images' sizes are written by kernels queued behind long matrix
     products and freed at once, so the caching allocator hands them to the decode's outputs: a
@@ -323,7 +322,6 @@ def test_decoding_on_a_busy_gpu_gives_the_pixels_of_an_idle_one(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["views", "classify"])
 def test_the_decoder_makes_its_batch_on_the_gpu_as_on_the_cpu(tmp_path, kind):
     """The whole batch (a PNG cropped in the worker among the JPEGs) made on the GPU: every

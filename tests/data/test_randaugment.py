@@ -272,7 +272,7 @@ def test_nothing_is_read_back_to_the_host():
             read()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_on_a_gpu_the_same_ops_nothing_read_back_and_nearly_the_same_pixels():
     """On CUDA: the draws are the CPU's bit for bit (int64 arithmetic), nothing is read back,
     and the views are the CPU's up to float rounding, which a nearest sample half-way between
