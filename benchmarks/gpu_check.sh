@@ -6,7 +6,8 @@
 # still returns numbers) and runs under its own time limit, and all of them under one budget
 # (BUDGET_S, 290 s): a step that fails or runs out of time is recorded in OUT_DIR/steps.txt and
 # the next one runs, so one bug costs one step, not the call.
-#   audit        host round trips per training step of every method (dscl.engine.host_sync,
+#   audit        host round trips per training step of every method, fed in memory and by
+#                decoding JPEGs on the device (dscl.engine.host_sync,
 #                and CUDA's own sync warnings: torch.cuda.set_sync_debug_mode("warn"));
 #   correctness  the cuda-marked tests of what only a GPU shows: bf16 rois under autocast on
 #                CUDA, JPEGs decoded on the device while the GPU is busy against the CPU's
@@ -74,7 +75,7 @@ pytest=("$py" -m pytest -q -p no:cacheprovider -m cuda)
 if "$py" -c 'import pytest_timeout' 2>/dev/null; then pytest+=(--timeout 40); fi
 if [ "$gpu" = 1 ]; then
   dev=cuda
-  audit=(--device cuda --steps 4)
+  audit=(--device cuda --steps 4 --path memory --path device_decode)
   small=(--device cuda --steps 10 --batch-size 256 --setting demo --setting cifar)
   large=(--device cuda --steps 4 --batch-size 256 --setting imagenet --cudnn-benchmark on
     --cudnn-benchmark off)
