@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from dscl.checkpoint import load_checkpoint
 from dscl.cli import main
 from dscl.config import config_from_dict
+from gloo_run import free_port
 from tiny_run import TINY, metrics_counts, tiny
 
 
@@ -285,12 +285,6 @@ def test_resume_is_exact(tmp_path: Path, monkeypatch):
         assert torch.equal(value, b["model"][key]), key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(tmp_path: Path):
     """torchrun with two CPU processes (gloo) runs both stages and the kNN monitor (both ranks
     call it: it gathers); rank 0 alone writes and logs."""
@@ -300,7 +294,7 @@ def test_torchrun_two_processes(tmp_path: Path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "dscl.cli",
         "run",

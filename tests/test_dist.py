@@ -1,21 +1,13 @@
 """dscl.dist: one-process fallbacks, and a real two-process gloo group against one process."""
 
-import importlib
-import socket
-import time
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from dscl import dist
 from dscl.errors import SetupError
 from dscl.losses import DSCLLoss
-
-SUPPORT_DIR = Path(__file__).resolve().parent / "dist_support"
-
+from gloo_run import free_port, run_gloo_workers
 
 # --- no process group: every helper is the world of one process ---------------------------
 
@@ -65,7 +57,7 @@ def test_any_rank_reduces_on_the_cuda_device_with_nccl(monkeypatch):
     if not tdist.is_nccl_available():
         pytest.skip("nccl is not available")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.cuda.set_device(0)
     tdist.init_process_group("nccl", init_method="env://", rank=0, world_size=1)
     try:
@@ -160,34 +152,11 @@ def test_init_distributed_failed_rendezvous_is_a_setup_error(monkeypatch):
 # --- two processes on one CPU (gloo) ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
     """Runs the worker on ranks 0 and 1 once; returns (worker module, [rank results])."""
-    if not (tdist.is_available() and tdist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SUPPORT_DIR))  # spawned children inherit sys.path
-        worker = importlib.import_module("dscl_two_process_worker")
-        out_dir = tmp_path_factory.mktemp("two_process")
-        context = mp.start_processes(
-            worker.run,
-            args=(_free_port(), str(out_dir)),
-            nprocs=worker.WORLD_SIZE,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + 120
-        while not context.join(timeout=1):  # raises if a worker raised
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.terminate()
-                pytest.fail("two-process gloo workers did not finish within 120 s")
+    out_dir = tmp_path_factory.mktemp("two_process")
+    worker = run_gloo_workers("dscl_two_process_worker", out_dir)
     results = [torch.load(out_dir / f"rank{r}.pt") for r in range(worker.WORLD_SIZE)]
     after = [torch.load(out_dir / f"after{r}.pt") for r in range(worker.WORLD_SIZE)]
     assert not any(a["initialized_after_cleanup"] for a in after)

@@ -7,9 +7,9 @@ importable module for the reason given in dscl_two_process_worker.py.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import gloo_group
 import numpy as np
 import torch
 from torch import nn
@@ -90,15 +90,7 @@ def neighbour_scores(case: str, rank: int, world: int) -> torch.Tensor:
 
 def run(rank: int, port: int, out_dir: str) -> None:
     """Entry point for torch.multiprocessing.spawn (rank is the process index)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    dist.init_distributed(backend="gloo")
+    gloo_group.join(rank, port, WORLD_SIZE)
     out: dict = {}
     for case in CASES:
         knn = monitor(case, rank, WORLD_SIZE)

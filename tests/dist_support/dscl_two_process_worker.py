@@ -7,9 +7,9 @@ by name for ``torch.multiprocessing.spawn``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import gloo_group
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,15 +51,7 @@ def make_encoder() -> nn.Linear:
 
 def run(rank: int, port: int, out_dir: str) -> None:
     """Entry point for torch.multiprocessing.spawn (rank is the process index)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    out: dict = {"init": dist.init_distributed(backend="gloo")}
+    out: dict = {"init": gloo_group.join(rank, port, WORLD_SIZE)}
     out.update(
         initialized=dist.is_dist_available_and_initialized(),
         rank=dist.get_rank(),

@@ -4,18 +4,13 @@ share and the votes equal one process's."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dscl.checkpoint import load_checkpoint
@@ -24,8 +19,7 @@ from dscl.data import ArrayImageDataset
 from dscl.data.views import ViewConfig
 from dscl.engine.feed import eval_batches, eval_shard
 from dscl.engine.knn import KNN_K, knn_class_scores, pooled_features
-
-SUPPORT_DIR = Path(__file__).resolve().parents[1] / "dist_support"
+from gloo_run import run_gloo_workers
 
 
 def slow_knn(bank, bank_labels, queries, num_classes, k, temperature):
@@ -131,34 +125,11 @@ def test_eval_batches_rejects_a_rank_outside_the_world():
 # --- two processes on one CPU (gloo) against one process ----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def knn_two_process(tmp_path_factory):
     """Runs the kNN worker on ranks 0 and 1 once; returns (worker module, [rank results])."""
-    if not (tdist.is_available() and tdist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SUPPORT_DIR))  # spawned children inherit sys.path
-        worker = importlib.import_module("dscl_knn_worker")
-        out_dir = tmp_path_factory.mktemp("knn_two_process")
-        context = mp.start_processes(
-            worker.run,
-            args=(_free_port(), str(out_dir)),
-            nprocs=worker.WORLD_SIZE,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + 120
-        while not context.join(timeout=1):  # raises if a worker raised
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.terminate()
-                pytest.fail("two-process gloo kNN workers did not finish within 120 s")
+    out_dir = tmp_path_factory.mktemp("knn_two_process")
+    worker = run_gloo_workers("dscl_knn_worker", out_dir)
     return worker, [torch.load(out_dir / f"rank{r}.pt") for r in range(worker.WORLD_SIZE)]
 
 

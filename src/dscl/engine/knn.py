@@ -56,16 +56,30 @@ def knn_class_scores(
         (M, num_classes) float32 scores: for each class the summed weights of its neighbours.
     """
     # N bank, M queries, C channels
-    k = min(k, bank.shape[0])
-    out = []
+    return _vote(*_nearest(bank, bank_labels, queries, min(k, bank.shape[0]), chunk),
+                 num_classes, temperature)  # fmt: skip
+
+
+def _nearest(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, k: int, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """Each query's k most similar bank rows: ``(similarities (M, k), labels (M, k))``, most
+    similar first, ``chunk`` queries at a time (bounds the (chunk, N) similarity matrix)."""
+    sims, labels = [], []
     for start in range(0, queries.shape[0], chunk):
         sim = queries[start : start + chunk].float() @ bank.float().T  # (m, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
-        weights = (top_sim / temperature).exp()  # (m, k)
-        scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        scores.scatter_add_(1, bank_labels[top_idx], weights)  # (m, classes)
-        out.append(scores)
-    return torch.cat(out)
+        sims.append(top_sim)
+        labels.append(bank_labels[top_idx])
+    return torch.cat(sims), torch.cat(labels)
+
+
+def _vote(sim: Tensor, labels: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """(M, classes) scores: each neighbour (similarity ``sim``, class ``labels``, both (M, k))
+    votes for its class with weight exp(sim / temperature)."""
+    weights = (sim / temperature).exp()  # (M, k)
+    scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+    return scores.scatter_add_(1, labels, weights)  # (M, classes)
 
 
 @torch.no_grad()
@@ -111,19 +125,13 @@ def sharded_knn_class_scores(
     cand_labels = torch.zeros(queries.shape[0], k, dtype=torch.long, device=queries.device)
     local_k = min(k, bank.shape[0])
     if local_k > 0:
-        for start in range(0, queries.shape[0], chunk):
-            sim = queries[start : start + chunk].float() @ bank.float().T  # (m, N_r)
-            top_sim, top_idx = sim.topk(local_k, dim=1)  # (m, local_k)
-            cand_sim[start : start + chunk, :local_k] = top_sim
-            cand_labels[start : start + chunk, :local_k] = bank_labels[top_idx]
+        near_sim, near_labels = _nearest(bank, bank_labels, queries, local_k, chunk)
+        cand_sim[:, :local_k], cand_labels[:, :local_k] = near_sim, near_labels
     # (W*M, k) in rank order -> (M, W*k): each query's candidates from every rank side by side
     all_sim = dist.all_gather(cand_sim).view(world, -1, k).permute(1, 0, 2).flatten(1)
     all_labels = dist.all_gather(cand_labels).view(world, -1, k).permute(1, 0, 2).flatten(1)
     top_sim, pick = all_sim.topk(k, dim=1)  # (M, k), most similar first as in knn_class_scores
-    weights = (top_sim / temperature).exp()  # (M, k)
-    scores = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-    scores.scatter_add_(1, all_labels.gather(1, pick), weights)  # (M, classes)
-    return scores
+    return _vote(top_sim, all_labels.gather(1, pick), num_classes, temperature)
 
 
 @torch.no_grad()
