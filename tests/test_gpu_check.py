@@ -44,7 +44,7 @@ def test_gpu_check_runs_every_step_in_its_toy_mode(tmp_path: Path):
     ]
     assert all(p.is_file() for p in out.iterdir())  # no folders: a lent machine returns files
     audit = (out / "audit.md").read_text()
-    assert "| `dscl+pbsd` | 0 | 0 | 0 | 0 |" in audit  # the figures themselves, not just a run
+    assert "| `dscl+pbsd` | memory | 0 | 0 | 0 | 0 |" in audit  # the figures, not just a run
     assert "| demo | resnet32 |" in (out / "throughput.md").read_text()
 
 
