@@ -116,7 +116,7 @@ class RunConfig:
     amp: str = "auto"  # "auto" (bf16 on GPU), "off", "bf16", "fp16"
     channels_last: bool = True
     # torch.compile the stage-1 encoders' training forward (eval passes stay eager). Costs a
-    # compile of a minute or more at the first steps; see the README for when it pays off.
+    # compile of a minute or more at the first steps; see docs/DEVICES.md for when it pays off.
     compile: bool = False
     threads: int | None = None  # torch CPU threads; None: all cores / local processes
     log_every: int = 20  # steps between log lines
