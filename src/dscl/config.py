@@ -157,9 +157,15 @@ class RunConfig:
 
         check_method(self.method)
         classifier_mode(self.method, self.classifier.mode)
-        # the method's sections, and any other section set (so a bad value never waits for
-        # the grid cell of a method that reads it)
-        for name in dict.fromkeys([*method_sections(self.method), *self.sections]):
+        self._check_sections(method_sections(self.method))
+        self._check_choices()
+        self._check_numbers()
+        self._check_views_and_name()
+
+    def _check_sections(self, read: tuple[str, ...]) -> None:
+        """The method's settings sections (``read``) and any other section set, so a bad value
+        never waits for the grid cell of a method that reads it."""
+        for name in dict.fromkeys([*read, *self.sections]):
             settings = self.section(name)
             check = getattr(settings, "check", None)
             if check is not None:
@@ -167,6 +173,9 @@ class RunConfig:
                     check()
                 except ConfigError as err:
                     raise ConfigError(f"{name}.{err}") from None
+
+    def _check_choices(self) -> None:
+        """Settings that take one of a few values, and the combinations they allow."""
         if self.classifier.bn_mode not in ("train", "eval"):
             raise ConfigError(f"classifier.bn_mode: {self.classifier.bn_mode!r} is not train/eval")
         if self.data.val_shortfall not in ("partial", "carve", "error"):
@@ -186,6 +195,9 @@ class RunConfig:
             raise ConfigError(f"data.class_order: {order!r} is neither 'label' nor an integer seed")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"amp: {self.amp!r} is not one of auto, off, bf16, fp16")
+
+    def _check_numbers(self) -> None:
+        """Counts, sizes, rates and thresholds within their ranges."""
         positive = {
             "pretrain.epochs": self.pretrain.epochs,
             "pretrain.batch_size": self.pretrain.batch_size,
@@ -241,6 +253,9 @@ class RunConfig:
         ema = self.pretrain.encoder_momentum
         if not 0.0 <= ema <= 1.0:
             raise ConfigError(f"pretrain.encoder_momentum: must be in [0, 1], got {ema}")
+
+    def _check_views_and_name(self) -> None:
+        """The crop ranges, the normalisation and the run folder's name."""
         for key in ("crop_scale", "patch_scale"):
             low, high = (getattr(self.data, key) + [0.0, 0.0])[:2]
             if len(getattr(self.data, key)) != 2 or not 0.0 < low <= high <= 1.0:
