@@ -227,7 +227,7 @@ def make_context(cfg, run_dir: Path):
     from dscl.data import build_splits
     from dscl.data.views import ViewConfig
     from dscl.engine import runtime
-    from dscl.engine.pretrain import StageContext
+    from dscl.engine.context import StageContext
 
     d = cfg.data
     splits = build_splits(  # data problems surface here, before any process group or training

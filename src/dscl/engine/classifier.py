@@ -17,8 +17,8 @@ from dscl import dist, runfiles
 from dscl.checkpoint import git_commit, read_classifier, save_checkpoint, write_json
 from dscl.config import config_to_dict
 from dscl.engine import runtime
+from dscl.engine.context import StageContext, memory_format
 from dscl.engine.evaluate import predict_logits
-from dscl.engine.pretrain import StageContext, memory_format
 from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe, classifier_mode

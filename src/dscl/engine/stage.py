@@ -104,7 +104,7 @@ def train_stage(
     scaler, every rank's RNG and augmentation position, finished).
 
     Args:
-        ctx: the :class:`~dscl.engine.pretrain.StageContext`.
+        ctx: the :class:`~dscl.engine.context.StageContext`.
         method: the method to train (its model on the device already).
         feed: the stage's training batches.
         opt: optimizer, schedule, scaler, device, precision, memory format.
