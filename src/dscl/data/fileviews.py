@@ -37,17 +37,18 @@ from dscl.data.imagesets import ImageFileDataset
 from dscl.data.named_views import SEED_LIMIT, ViewSpec, finish_named
 from dscl.data.views import (
     ALL_VIEWS,
+    CLASSIFY,
     P_BLUR,
     P_GRAY,
     P_JITTER,
     QUERY_HUE,
+    VIEWS,
     ViewConfig,
     ViewRequest,
     finish_views,
     to_device,
 )
 
-VIEWS, CLASSIFY = "views", "classify"  # the feed kinds (dscl.methods.base), without importing it
 COLOR_COLUMNS = 12  # draw_color's uniforms: u (8) then v (4)
 
 

@@ -137,6 +137,11 @@ STANDARD_VIEWS = ("query", "key", "patches")  # the feed's own stage-1 views
 RESERVED_NAMES = (*STANDARD_VIEWS, "boxes", "patch_flips", "color", "image")
 
 
+# What a feed's batches hold (``Method.feed_kind``): the views a method names (``Method.views``,
+# ``Method.extra_views``), or one augmented "image" (cross-entropy, stage 2)
+VIEWS, CLASSIFY = "views", "classify"
+
+
 @dataclass(frozen=True)
 class ViewRequest:
     """The stage-1 inputs a method's batches need, which the feed makes and nothing else.

@@ -15,10 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dscl.data.views import CLASSIFY, VIEWS
 from dscl.errors import ConfigError
-
-VIEWS = "views"  # batches hold the views the method names (Method.views, Method.extra_views)
-CLASSIFY = "classify"  # batches hold one augmented "image" (cross-entropy, stage 2)
 
 
 def method_backbone(cfg: Any) -> nn.Module:
