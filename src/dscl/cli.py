@@ -345,10 +345,8 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
         elif "next_batch" in state:  # a training state (older last.pt files hold none)
             plan.stage2_state = state
     if stage2 and plan.stage1_done is not None and (run_dir / runfiles.BEST).is_file():
-        from dscl.methods import classifier_mode
-
         # classifier.mode=keep writes best.pt and no last.pt: best.pt is stage 2's end
-        if classifier_mode(cfg.method, cfg.classifier.mode) == "keep":
+        if cfg.stage2_mode() == "keep":
             plan.stage2_done = True
     if stage2:
         plan.finished = plan.stage2_done and (run_dir / runfiles.METRICS).is_file()

@@ -147,16 +147,20 @@ class RunConfig:
             self.sections[name] = settings_class(name)()
         return self.sections[name]
 
+    def stage2_mode(self) -> str:
+        """What stage 2 does for this method and ``classifier.mode``: ``probe``, ``keep`` or
+        ``retrain`` (:func:`dscl.methods.classifier_mode`; raises ConfigError where the method
+        has no classifier of its own for keep/retrain)."""
+        from dscl.methods import classifier_mode  # the registry (imports torch)
+
+        return classifier_mode(self.method, self.classifier.mode)
+
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the key."""
-        from dscl.methods import (  # the registry (imports torch)
-            check_method,
-            classifier_mode,
-            method_sections,
-        )
+        from dscl.methods import check_method, method_sections  # the registry (imports torch)
 
         check_method(self.method)
-        classifier_mode(self.method, self.classifier.mode)
+        self.stage2_mode()
         self._check_sections(method_sections(self.method))
         self._check_choices()
         self._check_numbers()

@@ -21,7 +21,7 @@ from dscl.engine.context import StageContext, memory_format
 from dscl.engine.evaluate import predict_logits
 from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
-from dscl.methods import LinearProbe, classifier_mode
+from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
 
 
@@ -43,7 +43,7 @@ def train_classifier(
     :func:`dscl.checkpoint.read_stage1`), from ``resume_state`` (an unfinished ``last.pt``) when
     given; return the path of the best checkpoint (on validation)."""
     cfg, c, device = ctx.cfg, ctx.cfg.classifier, ctx.device
-    mode = classifier_mode(cfg.method, c.mode)
+    mode = cfg.stage2_mode()
     if mode == "keep":
         return keep_classifier(ctx, stage1)
     if resume_state is None:
@@ -143,7 +143,7 @@ def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict
         "num_classes": ctx.splits.num_classes,
         "class_names": list(ctx.splits.class_names),
         "model": model.state_dict(),
-        "classifier_mode": classifier_mode(ctx.cfg.method, ctx.cfg.classifier.mode),
+        "classifier_mode": ctx.cfg.stage2_mode(),
         "val_top1": val["top1"] if val is not None else None,
         "config": config_to_dict(ctx.cfg),
         "git_commit": git_commit(),
