@@ -43,10 +43,12 @@ def metrics(folder: Path) -> dict:
     return data
 
 
-def wait_until(condition, what: str, timeout: float = 120, every: float = 0.05):
+def wait_until(condition, what: str, timeout: float = 120, every: float = 0.05, show=None):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
-        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s" + (
+            f": {show()}" if show else ""
+        )
         time.sleep(every)
     return value
 
@@ -273,7 +275,8 @@ def test_a_requeued_cell_ends_bit_identical(slurm, tmp_path: Path, capsys):
     wait_until(lambda: _wait_for_step(run_dir, 1, 2, 8, 19), "step 3..9 of epoch 2", every=0.01)
     slurm.run("scontrol", "requeue", job)
     before = status_table(path, capsys)
-    wait_until(lambda: slurm.jobs()[job] in ("PENDING", "REQUEUED"), "requeued job", every=0.2)
+    show = lambda: slurm.run("scontrol", "show", "job", job, check=False)  # noqa: E731
+    wait_until(lambda: slurm.jobs()[job] in ("PENDING", "REQUEUED"), "requeue", 60, 0.1, show)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # SLURM waits 2 min else
     wait_until(lambda: slurm.jobs()[job] == "RUNNING", "restarted job", every=0.2)
     wait_until(lambda: "resuming stage 1" in (run_dir / "stdout.log").read_text(), "resume")
@@ -358,3 +361,37 @@ def test_without_slurm_here_a_jobs_claim_is_respected(tmp_path: Path, monkeypatc
     ran: list[str] = []
     assert run_study(str(path), runner=lambda s, c: ran.append(c.name)) == 0
     assert ran == [] and "method-ce: claimed by SLURM job 99" in capsys.readouterr().err
+
+
+@pytest.mark.slurm
+def test_a_cell_that_makes_no_progress_stops_after_three_requeues(slurm, tmp_path: Path, capsys):
+    """submitit's protocol: SIGUSR2 (sent ahead of the time limit; here by hand, as soon as each
+    attempt starts) makes the job stop its cell and requeue itself. Stopped before its first
+    step every time, the cell makes no progress; the fourth start says so and gives up."""
+    path = study_file(tmp_path, "stalled", {"method": ["ce"]}, SLURM)
+    assert main(["study", "--config", str(path)]) == 0
+    [job] = re.findall(r"submitted as SLURM job (\d+)", capsys.readouterr().err)
+    log = tmp_path / "runs" / "stalled" / "method-ce" / "stdout.log"
+
+    def attempts() -> int:
+        return log.read_text().count("==== dscl study stalled") if log.is_file() else 0
+
+    def show() -> str:  # what SLURM says of the job, should a wait time out
+        return slurm.run("scontrol", "show", "job", job, check=False)
+
+    for attempt in (1, 2, 3):
+        wait_until(lambda n=attempt: attempts() == n, f"attempt {attempt}", every=0.02)
+        slurm.run("scancel", "--signal=USR2", job)
+        wait_until(lambda: slurm.jobs()[job] in ("PENDING", "REQUEUED"), "requeue", 60, 0.1, show)
+        slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    wait_until(lambda: slurm.jobs()[job] == "FAILED", "failed job", every=0.2)
+    assert attempts() == 3
+    lines = [json.loads(x) for x in log.with_name("attempts.jsonl").read_text().splitlines()]
+    assert [x["job_id"] for x in lines] == [job] * 3
+    assert all(x["returncode"] != 0 and x["progress_end"] == x["progress_start"] for x in lines)
+    table = status_table(path, capsys)
+    assert row(table, "method-ce")[1:3] == ["failed", job]
+    assert f"SLURM job {job} was requeued 3 times in a row without progress" in table
+    assert "before its first logged step); stopping" in table
+    submitit_log = (tmp_path / "runs" / "stalled" / "slurm" / job / f"{job}_0_log.out").read_text()
+    assert submitit_log.count("Calling checkpoint method") == 3

@@ -17,6 +17,7 @@ over once the job no longer exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -339,9 +340,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 # The cells' subprocesses running now in this process (several with --jobs), so that an
-# interrupted study stops every one of them.
+# interrupted study stops every one of them. Reentrant: a SLURM job stops its cell from a signal
+# handler (dscl.study.slurm_job), which may run while this thread holds the lock.
 _RUNNING: set[subprocess.Popen] = set()
-_RUNNING_LOCK = threading.Lock()
+_RUNNING_LOCK = threading.RLock()
+
+
+def running_cells() -> list[subprocess.Popen]:
+    """The cell subprocesses this process started and has not seen end."""
+    with _RUNNING_LOCK:
+        return list(_RUNNING)
 
 
 def stop_running_cells(timeout: float = 30.0) -> None:
@@ -414,16 +422,17 @@ def run_cell(
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"{ATTEMPT_HEADER}{study.name}: {display_command(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=_ignoring(ignore_signals) if ignore_signals else None,
-            )
-            with _RUNNING_LOCK:
-                _RUNNING.add(proc)
+            with _deferred(ignore_signals):  # their handlers see the child registered
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=_ignoring(ignore_signals) if ignore_signals else None,
+                )
+                with _RUNNING_LOCK:
+                    _RUNNING.add(proc)
             try:
                 returncode = proc.wait()
             except BaseException:  # Ctrl-C or an error here: do not leave the run behind
@@ -460,6 +469,21 @@ def run_cell(
     atomic_write(run_dir / CELL_NAME, json.dumps(record, indent=1) + "\n")
     collect_cell(study, cell)
     return record
+
+
+@contextlib.contextmanager
+def _deferred(signals: tuple[int, ...]):
+    """Hold ``signals`` back while the block runs (delivered at its end): a handler of this
+    process never runs between the fork of a cell's subprocess and its registration, nor in the
+    forked child before it execs."""
+    if not signals:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _ignoring(signals: tuple[int, ...]) -> Callable[[], None]:

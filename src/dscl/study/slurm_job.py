@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from dscl.study.runner import (
     cell_dir,
     cell_env,
     run_cell,
-    stop_running_cells,
+    running_cells,
 )
 from dscl.study.slurm import SIGNAL_DELAY_S, last_logged, release_job_claim
 from dscl.study.spec import Cell, Study
@@ -139,6 +140,7 @@ class CellJob(submitit.helpers.Checkpointable):
                 log.write(f"dscl study: {why}\n")
             raise CellStalled(why)
         start = progress(run_dir)
+        _handle_once(signal.SIGUSR2)
 
         def note() -> dict[str, Any]:
             return {
@@ -176,5 +178,48 @@ class CellJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on SIGUSR2 (the time limit is near): stop the cell, which saves
         its checkpoint, then let submitit requeue this job."""
-        stop_running_cells(timeout=SIGNAL_DELAY_S / 2)
+        stop_from_handler(timeout=SIGNAL_DELAY_S / 2)
         return super().checkpoint(*args, **kwargs)
+
+
+def _handle_once(signum: int) -> None:
+    """Let the handler of ``signum`` (submitit's: checkpoint, requeue, exit) run once: SLURM may
+    deliver the signal to a process twice, and a second run inside the first would requeue the
+    job twice and trip over its own files."""
+    handler = signal.getsignal(signum)
+    if not callable(handler):
+        return
+    busy = []
+
+    def once(number: int, frame: Any) -> None:
+        if busy:
+            return
+        busy.append(number)
+        handler(number, frame)
+
+    signal.signal(signum, once)
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has ended, leaving it to be reaped by its Popen (``WNOWAIT``)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def stop_from_handler(timeout: float) -> None:
+    """SIGTERM the cell subprocesses and wait until they have ended (each saves its checkpoint;
+    SIGKILL after ``timeout`` s). Safe in a signal handler that interrupts ``Popen.wait``: the
+    children are watched without being reaped, which that wait still does."""
+    procs = running_cells()
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # does nothing if the child is gone
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        while proc.returncode is None and not _exited(proc.pid):
+            if time.monotonic() > deadline:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
