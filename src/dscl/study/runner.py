@@ -41,6 +41,7 @@ from dscl.checkpoint import atomic_write, git_commit
 from dscl.config import ABSENT, STUDY_IGNORED_KEYS, config_to_dict, first_difference
 from dscl.cpuinfo import cpu_model
 from dscl.errors import ConfigError, RunFolderError
+from dscl.study.committed import committed_files
 from dscl.study.spec import Cell, Study, value_text
 
 LOG_NAME = "stdout.log"
@@ -183,7 +184,8 @@ def collect_cell(study: Study, cell: Cell) -> Path | None:
     """Copy a finished cell's small files (:data:`RESULT_FILES`, never checkpoints) from its run
     folder into the results folder; return that folder, or None if there was nothing to copy
     (no finished run folder). Each file goes through the one atomic writer, ``metrics.json``
-    last, so a half-collected cell is never taken for a finished one."""
+    last, so a half-collected cell is never taken for a finished one. A large confusion matrix
+    or training log is committed compressed (:mod:`dscl.study.committed`)."""
     source = cell_dir(study, cell)
     if not _is_finished(source):
         return None
@@ -192,7 +194,8 @@ def collect_cell(study: Study, cell: Cell) -> Path | None:
     for name in names:
         path = source / name
         if path.is_file():
-            atomic_write(target / name, path.read_bytes())
+            for out, data in committed_files(name, path.read_bytes()).items():
+                atomic_write(target / out, data)
     return target
 
 
