@@ -395,3 +395,32 @@ def test_a_cell_that_makes_no_progress_stops_after_three_requeues(slurm, tmp_pat
     assert "before its first logged step); stopping" in table
     submitit_log = (tmp_path / "runs" / "stalled" / "slurm" / job / f"{job}_0_log.out").read_text()
     assert submitit_log.count("Calling checkpoint method") == 3
+
+
+def test_shipped_imagenet_lt_study_for_slurm(tmp_path: Path):
+    from dscl.study.slurm import slurm_parameters
+
+    study = load_study("study_imagenet_lt_slurm")
+    assert len(study.cells) == 12 and study.baseline == {"method": "ce"}
+    assert study.cells[0].config.data.name == "imagenet_lt"
+    assert study.cells[0].config.pretrain.epochs == 200
+    launcher = study.launcher
+    assert (launcher.kind, launcher.gpus_per_cell, launcher.nodes, launcher.time) == (
+        "slurm",
+        8,
+        1,
+        "48:00:00",
+    )
+    assert slurm_parameters(study, launcher) == {
+        "time": 2880,
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "cpus_per_task": 96,
+        "gpus_per_node": 8,
+    }
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CLUSTER.md").read_text()
+    example = tmp_path / "imagenet_lt_study.yaml"
+    example.write_text(doc.split("```yaml\n")[1].split("```")[0])
+    documented = load_study(example)  # the study file docs/CLUSTER.md shows is valid
+    assert documented.launcher.partition == "gpu" and documented.launcher.extra == {"mem": "400G"}
+    assert len(documented.cells) == 12
