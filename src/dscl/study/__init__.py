@@ -192,30 +192,18 @@ def run_study(
         from dscl.study.slurm import print_status
 
         return print_status(study, todo)
-    use = launcher_for(study.path, study.launcher_as_written, launcher)
-    if wait and use.kind != "slurm":
-        raise ConfigError(
-            "--wait follows SLURM jobs: give --launcher slurm, or launcher: {kind: slurm, ...} "
-            "in the study file"
-        )
     if report_only and not study.study_dir.is_dir() and not study.results_dir.is_dir():
         raise RunFolderError(
             f"{study.study_dir}: no study folder and no results folder {study.results_dir} yet; "
             f"run `dscl study --config {config}` first"
         )
-    if use.kind == "slurm" and not report_only:
-        from dscl.study.slurm import check_launcher
-
-        check_launcher(study, use)  # before anything is written or submitted
+    use = _launcher(study, launcher, wait, report_only)
     _collect_finished(study, states, stream)
     write_study_file(study, study.results_dir)
     code = 0
     if not report_only:
         write_study_file(study)
-        parts = ([f"shard {shard}"] if shard is not None else []) + [
-            f"--only {t}" for t in only or []
-        ]
-        label = f"{study.name} ({', '.join(parts)})" if parts else study.name
+        label = _label(study, shard, only)
         if use.kind == "slurm":
             code = _submit(study, todo, use, wait, poll_s, stream, label, config)
         else:
@@ -225,6 +213,28 @@ def run_study(
         states = {cell.name: cell_state(study, cell) for cell in study.cells}
     _aggregate(study, states, stream)
     return code
+
+
+def _launcher(study: Study, kind: str | None, wait: bool, report_only: bool) -> Launcher:
+    """The launcher this invocation uses; a SLURM one is checked against the cluster before
+    anything is written or submitted."""
+    use = launcher_for(study.path, study.launcher_as_written, kind)
+    if wait and use.kind != "slurm":
+        raise ConfigError(
+            "--wait follows SLURM jobs: give --launcher slurm, or launcher: {kind: slurm, ...} "
+            "in the study file"
+        )
+    if use.kind == "slurm" and not report_only:
+        from dscl.study.slurm import check_launcher
+
+        check_launcher(study, use)
+    return use
+
+
+def _label(study: Study, shard: str | None, only: list[str] | None) -> str:
+    """The study's name in progress lines, with the part of the grid this process runs."""
+    parts = ([f"shard {shard}"] if shard is not None else []) + [f"--only {t}" for t in only or []]
+    return f"{study.name} ({', '.join(parts)})" if parts else study.name
 
 
 def _aggregate(study: Study, states: dict[str, str], stream, quiet: bool = False) -> None:
