@@ -20,7 +20,7 @@ from dscl.cli import main
 from dscl.errors import ConfigError
 from dscl.study import load_study, run_study
 from dscl.study.launcher import Launcher, duration_minutes, duration_seconds
-from dscl.study.slurm import cell_statuses, format_status
+from dscl.study.slurm import cell_statuses, format_status, last_logged
 from test_study import TINY, write_study
 
 SLURM = {"kind": "slurm", "time": "10:00"}
@@ -283,7 +283,8 @@ def test_a_requeued_cell_ends_bit_identical(slurm, tmp_path: Path, capsys):
     during = status_table(path, capsys)
     assert run_study(str(path), wait=True, poll_s=POLL_S) == 0
     after = status_table(path, capsys)
-    print(f"{before}\n{during}\n{after}")  # shown with -s
+    with capsys.disabled():
+        print(f"{before}\n{during}\n{after}")  # shown with -s
     assert row(before, "method-dscl")[1:4] in (["running", job, slurm.node], ["pending", job])
     assert row(during, "method-dscl")[1:5] == ["running", job, slurm.node, "2"]
     assert row(after, "method-dscl")[1:3] == ["finished", job]
@@ -311,15 +312,18 @@ def test_a_cancelled_cell_is_failed_then_resubmitted(slurm, tmp_path: Path, caps
     assert main(["study", "--config", str(path)]) == 0
     [job] = re.findall(r"submitted as SLURM job (\d+)", capsys.readouterr().err)
     run_dir = tmp_path / "runs" / "cancelled" / "method-ce"
-    wait_until(lambda: (run_dir / "train_log.jsonl").is_file(), "training")
+    wait_until(lambda: last_logged(run_dir) is not None, "a logged step")
     slurm.run("scancel", job)
     wait_until(lambda: slurm.jobs()[job] == "CANCELLED", "cancelled job", every=0.2)
     table = status_table(path, capsys)
+    with capsys.disabled():
+        print(table)  # shown with -s
     state = row(table, "method-ce")
     assert state[1:3] == ["failed", job] and "job cancelled:" in table
     assert str(run_dir / "stdout.log") in table  # the last line of its log, and where it is
     last = [x for x in (run_dir / "stdout.log").read_text().splitlines() if x.strip()][-1]
     assert last.strip() in table
+    assert "SIGTERM received: stopped stage 1" in last  # it saved a checkpoint, then was gone
 
     assert main(["study", "--config", str(path)]) == 0
     err = capsys.readouterr().err
