@@ -125,6 +125,7 @@ def test_launcher_of_the_file_and_of_the_command_line(tmp_path: Path, capsys):
 
 
 def test_a_job_runs_torchrun_for_several_gpus_or_nodes():
+    pytest.importorskip("submitit")
     from dscl.study.slurm_job import node_command
 
     cmd = ["/usr/bin/python3", "-m", "dscl.cli", "run", "--name", "x", "--resume", "auto"]
@@ -143,6 +144,7 @@ def test_a_job_runs_torchrun_for_several_gpus_or_nodes():
 
 
 def test_a_job_requeued_three_times_without_progress_stops(tmp_path: Path):
+    pytest.importorskip("submitit")
     from dscl.study.slurm_job import stalled_reason
 
     run_dir = tmp_path / "cell"
