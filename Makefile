@@ -9,12 +9,12 @@ FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 # Two cores here: pytest runs in one process using both threads for torch.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test lint demo fashion-mnist clean
+.PHONY: install test lint demo fashion-mnist slurm clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing dscl and its dependencies into $(VENV) (first time: a few minutes)"
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,slurm]' 2>&1 \
 		| { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $(STAMP)
 
@@ -25,7 +25,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 # The real-data tests read Fashion-MNIST: install it the way the demo does, so they run in CI too.
-test: lint fashion-mnist
+# The launcher tests start a one-node SLURM cluster (tests/slurm_cluster.py) from Debian's packages.
+test: lint fashion-mnist slurm
 	$(PY) -m pytest -q
 
 # Fashion-MNIST: the Debian package when we are root with apt, else torchvision's downloader.
@@ -37,6 +38,18 @@ fashion-mnist:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else \
 		echo "no Debian package: the demo will download Fashion-MNIST with torchvision"; \
+	fi
+
+# SLURM and munge for the launcher tests: the Debian packages when we are root with apt (the tests
+# start and stop the daemons themselves; without the packages those tests are skipped).
+slurm:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then \
+		echo "SLURM and munge found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages slurm-wlm and munge"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else \
+		echo "no SLURM: the launcher tests will be skipped"; \
 	fi
 
 demo: $(STAMP) fashion-mnist

@@ -45,3 +45,30 @@ def _device_pin(request):
     with pytest.MonkeyPatch.context() as patch:
         pin_device(patch, cuda_test=True)
         yield
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster (``tests/slurm_cluster.py``) for the whole session, started on
+    first use and stopped, by its daemons' process ids, at the end; the test is skipped with the
+    reason where it cannot be started. ``SLURM_CONF`` points at it while it runs."""
+    from slurm_cluster import ClusterUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as why:
+        pytest.skip(f"no SLURM cluster: {why}")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", str(cluster.conf))
+    try:
+        yield cluster
+    finally:
+        patch.undo()
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The session's SLURM cluster, with every job cancelled (and ended) after the test."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()

@@ -1030,3 +1030,84 @@ def test_progress_line_says_what_its_estimate_covers():
     assert lines[0] == "study s: [1/5] c0: running"  # nothing measured yet: no estimate
     eta = "3 cells left at 1 min 30 s each: about 2 min 15 s"  # 3 x 90 s over 2 jobs
     assert lines[-1] == f"study s: [3/5] c2: running; {eta}"
+
+
+def test_a_1000_class_cell_is_committed_small(tmp_path: Path):
+    """At ImageNet-LT's scale (1,000 classes, 50 test images each) the run folder's metrics.json
+    is about 6 MB, nearly all confusion matrix; the committed copy keeps what the aggregate and
+    the figures read and puts the matrix, compressed, beside it."""
+    import torch
+
+    from dscl.checkpoint import write_json
+    from dscl.engine.evaluate import classification_metrics
+    from dscl.study.committed import read_confusion
+
+    path = write_study(tmp_path, axes={"method": ["ce"]})
+    study = load_study(path)
+    cell = study.cells[0]
+    classes, per_class = 1000, 50
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.arange(classes).repeat_interleave(per_class)
+    logits = torch.randn(classes * per_class, classes, generator=gen)
+    right = torch.rand(classes * per_class, generator=gen) < 0.6  # about 60% top-1
+    logits[right, targets[right]] += 10.0
+    counts = [max(5, int(1280 * (5 / 1280) ** (i / (classes - 1)))) for i in range(classes)]
+    metrics = classification_metrics(logits, targets, counts, many_threshold=100, few_threshold=20)
+    metrics |= {
+        "split": "test",
+        "method": "ce",
+        "class_names": [f"n{i:08d}" for i in range(classes)],
+    }
+    folder = study.study_dir / cell.name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config_to_yaml(cell.config))
+    write_json(folder / "metrics.json", metrics)
+    values = torch.rand(4520, 5, generator=gen, dtype=torch.float64).tolist()
+    log = "".join(
+        json.dumps(
+            {"stage": "pretrain", "epoch": s // 452, "step": s}
+            | dict(zip(("loss", "loss_con", "loss_pbsd", "lr", "images_per_sec"), v, strict=True))
+        )
+        + "\n"
+        for s, v in zip(range(0, 90400, 20), values, strict=True)
+    )  # 200 epochs of 452 steps, logged every 20 steps (log_every's default)
+    (folder / "train_log.jsonl").write_text(log)
+    summary = {"num_classes": classes, "class_names": metrics["class_names"]}
+    summary |= {"train": {"total": sum(counts), "counts": counts}}
+    summary |= {
+        split: {"total": classes * n, "counts": [n] * classes}
+        for split, n in [("val", 20), ("test", 50)]
+    }
+    write_json(folder / "data_summary.json", summary)
+    fabricate_record = {"cell": cell.name, "wall_s": 1.0, "resumed": False, "machine": {}}
+    (folder / "cell.json").write_text(json.dumps(fabricate_record))
+    assert run_study(str(path), report_only=True) == 0
+    committed = study.results_dir / cell.name
+    sizes = {p.name: p.stat().st_size for p in committed.iterdir()}
+    run_size = (folder / "metrics.json").stat().st_size
+    print(f"run folder metrics.json {run_size} bytes; committed {sizes}")
+    assert run_size > 5_000_000
+    assert set(sizes) == {
+        "metrics.json",
+        "confusion.json.gz",
+        "config.yaml",
+        "train_log.jsonl.gz",
+        "data_summary.json",
+        "cell.json",
+    }
+    assert sizes["metrics.json"] < 80_000 and sum(sizes.values()) < 600_000
+    kept = json.loads((committed / "metrics.json").read_text())
+    assert kept["confusion"] is None and kept["confusion_file"] == "confusion.json.gz"
+    assert {k: v for k, v in kept.items() if not k.startswith("confusion")} == {
+        k: v for k, v in metrics.items() if k != "confusion"
+    }
+    assert read_confusion(committed) == metrics["confusion"] == read_confusion(folder)
+    import gzip
+
+    assert gzip.decompress((committed / "train_log.jsonl.gz").read_bytes()).decode() == log
+    # the aggregate from the committed copy alone is the one from the run folder
+    results = json.loads((study.results_dir / "results.json").read_text())
+    shutil.rmtree(study.study_dir)
+    assert run_study(str(path), report_only=True) == 0
+    assert json.loads((study.results_dir / "results.json").read_text()) == results
+    assert results["settings"][0]["per_class"]["accuracy"] == metrics["per_class"]

@@ -10,15 +10,19 @@ machine is continued on another, and aggregated, from the committed results alon
 
 Before a cell runs it is claimed (``<study folder>/claims/<cell>.json``, created atomically, with
 the process id, host and start time), so several ``dscl study`` processes, and the ``--jobs``
-of one, never train the same cell; a claim whose process is gone is taken over.
+of one, never train the same cell; a claim whose process is gone is taken over. A cell handed to
+SLURM (:mod:`dscl.study.slurm`) is claimed by its job: the claim names the job id and is taken
+over once the job no longer exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +41,7 @@ from dscl.checkpoint import atomic_write, git_commit
 from dscl.config import ABSENT, STUDY_IGNORED_KEYS, config_to_dict, first_difference
 from dscl.cpuinfo import cpu_model
 from dscl.errors import ConfigError, RunFolderError
+from dscl.study.committed import committed_files
 from dscl.study.spec import Cell, Study, value_text
 
 LOG_NAME = "stdout.log"
@@ -179,7 +184,8 @@ def collect_cell(study: Study, cell: Cell) -> Path | None:
     """Copy a finished cell's small files (:data:`RESULT_FILES`, never checkpoints) from its run
     folder into the results folder; return that folder, or None if there was nothing to copy
     (no finished run folder). Each file goes through the one atomic writer, ``metrics.json``
-    last, so a half-collected cell is never taken for a finished one."""
+    last, so a half-collected cell is never taken for a finished one. A large confusion matrix
+    or training log is committed compressed (:mod:`dscl.study.committed`)."""
     source = cell_dir(study, cell)
     if not _is_finished(source):
         return None
@@ -188,7 +194,8 @@ def collect_cell(study: Study, cell: Cell) -> Path | None:
     for name in names:
         path = source / name
         if path.is_file():
-            atomic_write(target / name, path.read_bytes())
+            for out, data in committed_files(name, path.read_bytes()).items():
+                atomic_write(target / out, data)
     return target
 
 
@@ -336,21 +343,28 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 # The cells' subprocesses running now in this process (several with --jobs), so that an
-# interrupted study stops every one of them.
+# interrupted study stops every one of them. Reentrant: a SLURM job stops its cell from a signal
+# handler (dscl.study.slurm_job), which may run while this thread holds the lock.
 _RUNNING: set[subprocess.Popen] = set()
-_RUNNING_LOCK = threading.Lock()
+_RUNNING_LOCK = threading.RLock()
 
 
-def stop_running_cells() -> None:
+def running_cells() -> list[subprocess.Popen]:
+    """The cell subprocesses this process started and has not seen end."""
+    with _RUNNING_LOCK:
+        return list(_RUNNING)
+
+
+def stop_running_cells(timeout: float = 30.0) -> None:
     """SIGTERM every cell subprocess this process started and still runs (each saves its
-    checkpoint), then wait for them."""
+    checkpoint), then wait for them (SIGKILL for one still running after ``timeout`` s)."""
     with _RUNNING_LOCK:
         procs = list(_RUNNING)
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
     for proc in procs:
-        stop_process(proc)
+        stop_process(proc, timeout)
 
 
 def cell_env(cell: Cell, gpu: str | None = None) -> dict[str, str]:
@@ -364,7 +378,16 @@ def cell_env(cell: Cell, gpu: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_cell(study: Study, cell: Cell, gpu: int | None = None) -> dict[str, Any]:
+def run_cell(
+    study: Study,
+    cell: Cell,
+    gpu: int | None = None,
+    *,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+    attempt_note: Callable[[], dict[str, Any]] | None = None,
+    record_note: dict[str, Any] | None = None,
+    ignore_signals: tuple[int, ...] = (),
+) -> dict[str, Any]:
     """Run one unfinished cell as a subprocess; write and return its ``cell.json`` record and
     collect its small files into the results folder.
 
@@ -376,11 +399,20 @@ def run_cell(study: Study, cell: Cell, gpu: int | None = None) -> dict[str, Any]
     cell resumed across machines says how long it took in all, and whether an attempt ended
     without a time (a killed study: ``attempts_timed`` < ``attempts``).
 
+    A SLURM job runs its cell through the same function (:mod:`dscl.study.slurm_job`) with:
+
+    Args:
+        wrap: turns the cell's command into the one to start (``torchrun`` around it).
+        attempt_note: called when the attempt ends; its fields join the attempt's line.
+        record_note: fields added to ``cell.json``.
+        ignore_signals: signals the subprocess starts with ignored (the job's own SIGUSR2).
+
     Raises:
         CellFailed: the subprocess failed or left no finished run.
     """
     run_dir = cell_dir(study, cell)
     cmd = cell_command(study, cell, run_dir)
+    cmd = wrap(cmd) if wrap is not None else cmd
     resumed = (run_dir / runfiles.PRETRAIN).is_file()  # an interrupted cell: it continues
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CELL_NAME).unlink(missing_ok=True)
@@ -393,11 +425,17 @@ def run_cell(study: Study, cell: Cell, gpu: int | None = None) -> dict[str, Any]
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"{ATTEMPT_HEADER}{study.name}: {display_command(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-            with _RUNNING_LOCK:
-                _RUNNING.add(proc)
+            with _deferred(ignore_signals):  # their handlers see the child registered
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=_ignoring(ignore_signals) if ignore_signals else None,
+                )
+                with _RUNNING_LOCK:
+                    _RUNNING.add(proc)
             try:
                 returncode = proc.wait()
             except BaseException:  # Ctrl-C or an error here: do not leave the run behind
@@ -409,7 +447,8 @@ def run_cell(study: Study, cell: Cell, gpu: int | None = None) -> dict[str, Any]
                     _RUNNING.discard(proc)
     finally:
         wall = time.perf_counter() - start
-        _append_attempt(run_dir, started_at, wall, returncode)
+        note = attempt_note() if attempt_note is not None else {}
+        _append_attempt(run_dir, started_at, wall, returncode, note)
     if returncode != 0:
         raise CellFailed(cell, returncode, log_path)
     if cell_state(study, cell) != FINISHED:
@@ -428,14 +467,41 @@ def run_cell(study: Study, cell: Cell, gpu: int | None = None) -> dict[str, Any]
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(gpu),
+        **(record_note or {}),
     }
     atomic_write(run_dir / CELL_NAME, json.dumps(record, indent=1) + "\n")
     collect_cell(study, cell)
     return record
 
 
-def _append_attempt(run_dir: Path, started_at: str, wall: float, returncode: int | None) -> None:
+@contextlib.contextmanager
+def _deferred(signals: tuple[int, ...]):
+    """Hold ``signals`` back while the block runs (delivered at its end): a handler of this
+    process never runs between the fork of a cell's subprocess and its registration, nor in the
+    forked child before it execs."""
+    if not signals:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _ignoring(signals: tuple[int, ...]) -> Callable[[], None]:
+    def start_ignoring() -> None:  # in the child, before exec: ignored signals stay ignored
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+    return start_ignoring
+
+
+def _append_attempt(
+    run_dir: Path, started_at: str, wall: float, returncode: int | None, note: dict | None = None
+) -> None:
     line = {"started_at": started_at, "wall_s": round(wall, 1), "returncode": returncode}
+    line.update(note or {})
     path = run_dir / ATTEMPTS_NAME
     before = path.read_text(encoding="utf-8") if path.is_file() else ""
     atomic_write(path, before + json.dumps(line) + "\n")
@@ -530,9 +596,8 @@ class Claims:
                 return False
             if holder.get("token") == self.token:
                 return False  # held by another job of this process
-            if holder.get("host") != self.host or _alive(
-                int(holder.get("pid", -1)), holder.get("pid_start")
-            ):
+            why = self.holder_gone(holder)
+            if why is None:
                 return False
             stale = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.stale")
             try:
@@ -540,9 +605,13 @@ class Claims:
             except FileNotFoundError:
                 continue  # another process took it over first; try to create it again
             stale.unlink(missing_ok=True)
+            if holder.get("job_id"):
+                whose = f"SLURM job {holder['job_id']}"
+            else:
+                whose = f"process {holder.get('pid')} on {holder.get('host')}"
             print(
-                f"study: taking over cell {cell.name}: its claim by process {holder.get('pid')} "
-                f"on {holder.get('host')} (since {holder.get('started')}) is gone",
+                f"study: taking over cell {cell.name}: its claim by {whose} "
+                f"(since {holder.get('started')}) is gone{f' ({why})' if why else ''}",
                 file=self.stream,
                 flush=True,
             )
@@ -551,6 +620,34 @@ class Claims:
     def holder(self, cell: Cell) -> dict | None:
         """What the claim file of ``cell`` says (None without one)."""
         return self._read(self.path(cell))
+
+    @staticmethod
+    def holder_gone(holder: dict) -> str | None:
+        """Why the holder of a claim no longer holds it: ``""`` for a process of this host that
+        has ended, the job's state for a SLURM job that is no longer pending, running or
+        requeued; None while it lives, or where nothing here can tell (a process of another
+        host, a job where SLURM's commands are not installed)."""
+        if holder.get("job_id"):
+            from dscl.study.slurm import job_gone
+
+            return job_gone(str(holder["job_id"]))
+        if holder.get("host") != socket.gethostname():
+            return None
+        if _alive(int(holder.get("pid", -1)), holder.get("pid_start")):
+            return None
+        return ""
+
+    def set_job(self, cell: Cell, job_id: str) -> None:
+        """Hand this process's claim on ``cell`` to SLURM job ``job_id``: the claim names the job
+        and lives as long as the job does (this process no longer releases it)."""
+        path = self.path(cell)
+        holder = self._read(path)
+        if holder is None or holder.get("token") != self.token:
+            raise RunFolderError(f"{path}: the claim of cell {cell.name} was taken from us")
+        holder.update(job_id=str(job_id), launcher="slurm")
+        atomic_write(path, json.dumps(holder) + "\n")
+        with self._lock:
+            self.held.discard(cell.name)
 
     def release(self, cell: Cell) -> None:
         """Remove this process's claim on ``cell`` (a claim of another process is left)."""
@@ -674,6 +771,8 @@ def _duration(seconds: float) -> str:
 def _describe_claim(holder: dict | None) -> str:
     if not holder:
         return "claimed by another study process; skipped"
+    if holder.get("job_id"):
+        return f"claimed by SLURM job {holder['job_id']} since {holder.get('started')}; skipped"
     return (
         f"claimed by process {holder.get('pid')} on {holder.get('host')} since "
         f"{holder.get('started')}; skipped"

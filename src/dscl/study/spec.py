@@ -13,6 +13,8 @@ A study file is YAML with these top-level keys (any other key is an error)::
     results: results/tail_study       # optional; where finished cells are collected (default
                                       # results/<name>, relative to where the study runs)
     compare: [tail_study_short]       # optional; studies of other stage-1 budgets to plot against
+    launcher: {kind: slurm, time: "48:00:00", gpus_per_cell: 8}   # optional; where cells run
+                                      # (see dscl.study.launcher; default: here, --jobs at a time)
 
 ``overrides.output_dir`` places the study folder (default: the base config's ``output_dir``).
 Every cell trains with the same ``threads`` (the study file's, else 1), whatever ``--jobs`` is,
@@ -34,6 +36,7 @@ import yaml
 
 from dscl.config import RunConfig, build_config, resolve_config_path
 from dscl.errors import ConfigError
+from dscl.study.launcher import Launcher, read_launcher
 
 TOP_LEVEL_KEYS = (
     "name",
@@ -44,6 +47,7 @@ TOP_LEVEL_KEYS = (
     "baseline",
     "results",
     "compare",
+    "launcher",
 )
 RESULTS_ROOT = "results"  # the default results folder is results/<name>, from where it runs
 DEFAULT_THREADS = 1  # every cell's torch threads when the study file sets none
@@ -92,6 +96,8 @@ class Study:
     results_dir: Path  # where this invocation reads and writes the results (``--results`` moves it)
     results_as_written: str  # ``results`` as the study file says it (study.yaml, RESULTS.md)
     compare: list[str] = field(default_factory=list)  # other studies (names or files) by budget
+    launcher: Launcher | None = None  # the study file's launcher section, if any
+    launcher_as_written: dict[str, Any] | None = None
 
     @property
     def seed_axis(self) -> str | None:
@@ -114,6 +120,8 @@ class Study:
         data["results"] = self.results_as_written
         if self.compare:
             data["compare"] = list(self.compare)
+        if self.launcher_as_written is not None:
+            data["launcher"] = dict(self.launcher_as_written)
         header = (
             "# dscl study: the study file as resolved (the base is a shipped name or an absolute "
             "path).\n# Run it again with: dscl study --config <this file>\n"
@@ -241,6 +249,7 @@ def load_study(path: str | Path) -> Study:
     compare = data.get("compare", [])
     if not isinstance(compare, list) or not all(isinstance(c, str) and c for c in compare):
         raise _fail(path, f"compare: need a list of study names or files, got {compare!r}")
+    launcher = read_launcher(path, data.get("launcher"))
     results = data.get("results", f"{RESULTS_ROOT}/{name}")
     if not isinstance(results, str) or not results:
         raise _fail(path, f"results: need a folder path, got {results!r}")
@@ -280,6 +289,8 @@ def load_study(path: str | Path) -> Study:
         results_dir=Path(results),
         results_as_written=results,
         compare=list(compare),
+        launcher=launcher,
+        launcher_as_written=None if launcher is None else dict(data["launcher"]),
     )
 
 
