@@ -329,6 +329,29 @@ def results_markdown(
     """``RESULTS.md``: the hand-written ``findings`` (if any), tables, figure, the comparison
     with other budgets, machine, per-cell wall times and commands."""
     axes = [k for k in study.axes if k != study.seed_axis]
+    out = _md_head(study, results, findings)
+    out += _md_accuracy(study, results, axes)
+    if study.baseline is not None:
+        out += _md_paired(study, results, axes)
+    if with_figure:
+        out += [
+            "## Figure",
+            "",
+            "Per-class test accuracy (mean over seeds) of each class, placed at its number of "
+            "training images and named, and the group means with their sample std.",
+            "",
+            "![per-class accuracy and group means](study.png)",
+            "",
+        ]
+    if budgets and study.compare:
+        out += _md_budgets(budgets)
+    out += _md_cells_and_machines(study, results)
+    out += _md_commands(study)
+    return "\n".join(out)
+
+
+def _md_head(study: Study, results: dict[str, Any], findings: str | None) -> list[str]:
+    """The title, the grid, what is finished and the hand-written findings."""
     out = [f"# Study `{study.name}`", ""]
     if study.description:
         out += [study.description.strip(), ""]
@@ -342,73 +365,74 @@ def results_markdown(
     out.append("")
     if findings is not None and findings.strip():
         out += [f"## What it shows ({FINDINGS}, written by hand)", "", findings.strip(), ""]
+    return out
 
+
+def _md_accuracy(study: Study, results: dict[str, Any], axes: list[str]) -> list[str]:
+    """The table of test accuracies per setting, mean ± sample std over the seeds."""
     over = f"over {study.seed_axis}s" if study.seed_axis else "(one run per setting)"
-    out += [f"## Test accuracy (%), mean ± sample std {over}", ""]
+    out = [f"## Test accuracy (%), mean ± sample std {over}", ""]
     header = [*axes, "n", *(LABELS[k] for k in METRICS)]
     rows = []
     for row in results["settings"]:
         values = [value_text(row["settings"][k]) for k in axes]
         rows.append([*values, str(row["n"]), *(_fmt_summary(row[k]) for k in METRICS)])
-    out += [*_table(header, rows), ""]
+    return [*out, *_table(header, rows), ""]
 
-    if study.baseline is not None:
-        against = ", ".join(f"{k}={value_text(v)}" for k, v in study.baseline.items())
-        others = [k for k in study.axes if k not in study.baseline]
-        out += [f"## Paired differences against {against} (percentage points)", ""]
-        out.append(
-            "Each cell minus the baseline cell with the same "
-            + ", ".join(others or ["(no other axis)"])
-            + f"; mean ± sample std over pairs and the {CONFIDENCE:.0%} Student-t interval "
-            "[low, high] (none with a single pair)."
-        )
-        out.append("")
-        header = [*axes, "pairs", *(f"Δ {LABELS[k]}" for k in METRICS)]
+
+def _md_paired(study: Study, results: dict[str, Any], axes: list[str]) -> list[str]:
+    """The table of paired differences against the baseline, with their intervals."""
+    against = ", ".join(f"{k}={value_text(v)}" for k, v in study.baseline.items())
+    others = [k for k in study.axes if k not in study.baseline]
+    out = [f"## Paired differences against {against} (percentage points)", ""]
+    out.append(
+        "Each cell minus the baseline cell with the same "
+        + ", ".join(others or ["(no other axis)"])
+        + f"; mean ± sample std over pairs and the {CONFIDENCE:.0%} Student-t interval "
+        "[low, high] (none with a single pair)."
+    )
+    out.append("")
+    header = [*axes, "pairs", *(f"Δ {LABELS[k]}" for k in METRICS)]
+    rows = []
+    for row in results["paired"]:
+        values = [value_text(row["settings"][k]) for k in axes]
+        pairs = str(len(row["pairs"]))
+        rows.append([*values, pairs, *(_fmt_paired(row[k]) for k in METRICS)])
+    return [*out, *_table(header, rows), ""]
+
+
+def _md_budgets(budgets: dict[str, Any]) -> list[str]:
+    """The comparison with the same study at other stage-1 budgets."""
+    out = ["## Against other stage-1 budgets", ""]
+    for entry in budgets["studies"]:
+        if "missing" in entry:
+            out.append(f"- `{entry['name']}`: {entry['missing']}")
+        else:
+            out.append(
+                f"- `{entry['name']}`: {entry['epochs']} stage-1 epochs, "
+                f"{entry['finished']} of {entry['total']} cells finished"
+            )
+    out.append("")
+    if budgets["points"]:
+        header = ["setting", "stage-1 epochs", "n", "top-1", "Few"]
         rows = []
-        for row in results["paired"]:
-            values = [value_text(row["settings"][k]) for k in axes]
-            pairs = str(len(row["pairs"]))
-            rows.append([*values, pairs, *(_fmt_paired(row[k]) for k in METRICS)])
+        for label, pts in budgets["points"].items():
+            for epochs, _, n, top1, few in pts:
+                rows.append([label, str(epochs), str(n), _fmt_summary(top1), _fmt_summary(few)])
         out += [*_table(header, rows), ""]
-
-    if with_figure:
         out += [
-            "## Figure",
+            "Mean ± sample std over the seeds each study has finished; the studies may have "
+            "run on different CPUs (see each one's Machine section).",
             "",
-            "Per-class test accuracy (mean over seeds) of each class, placed at its number of "
-            "training images and named, and the group means with their sample std.",
-            "",
-            "![per-class accuracy and group means](study.png)",
+            "![top-1 and Few against stage-1 epochs](budget.png)",
             "",
         ]
+    return out
 
-    if budgets and study.compare:
-        out += ["## Against other stage-1 budgets", ""]
-        for entry in budgets["studies"]:
-            if "missing" in entry:
-                out.append(f"- `{entry['name']}`: {entry['missing']}")
-            else:
-                out.append(
-                    f"- `{entry['name']}`: {entry['epochs']} stage-1 epochs, "
-                    f"{entry['finished']} of {entry['total']} cells finished"
-                )
-        out.append("")
-        if budgets["points"]:
-            header = ["setting", "stage-1 epochs", "n", "top-1", "Few"]
-            rows = []
-            for label, pts in budgets["points"].items():
-                for epochs, _, n, top1, few in pts:
-                    rows.append([label, str(epochs), str(n), _fmt_summary(top1), _fmt_summary(few)])
-            out += [*_table(header, rows), ""]
-            out += [
-                "Mean ± sample std over the seeds each study has finished; the studies may have "
-                "run on different CPUs (see each one's Machine section).",
-                "",
-                "![top-1 and Few against stage-1 epochs](budget.png)",
-                "",
-            ]
 
-    out += ["## Cells", ""]
+def _md_cells_and_machines(study: Study, results: dict[str, Any]) -> list[str]:
+    """Each cell's figures, wall time and commit, then the machines the cells ran on."""
+    out = ["## Cells", ""]
     header = ["cell", *(LABELS[k] for k in METRICS), "wall time", "commit"]
     rows = []
     machines: list[tuple[str, list[str]]] = []
@@ -441,8 +465,12 @@ def results_markdown(
         for text, names in machines:
             out.append(f"- {text}: " + ", ".join(f"`{n}`" for n in names))
     out.append("")
+    return out
 
-    out += [
+
+def _md_commands(study: Study) -> list[str]:
+    """The command of the study and of each cell."""
+    out = [
         "## Commands",
         "",
         "The study (`--jobs N` runs N cells side by side; finished cells are collected into "
@@ -455,7 +483,7 @@ def results_markdown(
     out.append("```")
     out += [display_command(cell_command(study, cell)) for cell in study.cells]
     out += ["```", ""]
-    return "\n".join(out)
+    return out
 
 
 def _wall_text(entry: dict) -> str:

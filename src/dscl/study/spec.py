@@ -254,6 +254,31 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(results, str) or not results:
         raise _fail(path, f"results: need a folder path, got {results!r}")
 
+    cells = _expand_cells(path, base, axes, override_texts, study_dir)
+    return Study(
+        path=path,
+        name=name,
+        description=description,
+        base=base,
+        overrides=dict(overrides),
+        override_texts=override_texts,
+        axes=axes,
+        baseline=baseline,
+        study_dir=study_dir,
+        cells=cells,
+        results_dir=Path(results),
+        results_as_written=results,
+        compare=list(compare),
+        launcher=launcher,
+        launcher_as_written=None if launcher is None else dict(data["launcher"]),
+    )
+
+
+def _expand_cells(
+    path: Path, base: str, axes: dict, override_texts: tuple[str, ...], study_dir: Path
+) -> list[Cell]:
+    """Every cell of the grid ``axes``, its config resolved (defaults <- base <- overrides <-
+    its axis values); two cells that would share a folder name are refused."""
     cells: list[Cell] = []
     seen: dict[str, dict] = {}
     keys = list(axes)
@@ -275,23 +300,7 @@ def load_study(path: str | Path) -> Study:
         except ConfigError as err:
             raise _fail(path, f"axes: cell {cname}: {err}") from None
         cells.append(Cell(index, cname, settings, tuple(coords), texts, config))
-    return Study(
-        path=path,
-        name=name,
-        description=description,
-        base=base,
-        overrides=dict(overrides),
-        override_texts=override_texts,
-        axes=axes,
-        baseline=baseline,
-        study_dir=study_dir,
-        cells=cells,
-        results_dir=Path(results),
-        results_as_written=results,
-        compare=list(compare),
-        launcher=launcher,
-        launcher_as_written=None if launcher is None else dict(data["launcher"]),
-    )
+    return cells
 
 
 def _resolve_base(path: Path, base: Any) -> str:
