@@ -1038,8 +1038,8 @@ def test_a_1000_class_cell_is_committed_small(tmp_path: Path):
     the figures read and puts the matrix, compressed, beside it."""
     import torch
 
-    from dscl.checkpoint import write_json
     from dscl.engine.evaluate import classification_metrics
+    from dscl.runfiles import write_json
     from dscl.study.committed import read_confusion
 
     path = write_study(tmp_path, axes={"method": ["ce"]})

@@ -20,7 +20,8 @@ from dscl.cli import main
 from dscl.errors import ConfigError
 from dscl.study import load_study, run_study
 from dscl.study.launcher import Launcher, duration_minutes, duration_seconds
-from dscl.study.slurm import cell_statuses, format_status, last_logged
+from dscl.study.slurm import cell_statuses, format_status
+from dscl.study.slurm_jobs import last_logged
 from test_study import TINY, write_study
 
 SLURM = {"kind": "slurm", "time": "10:00"}

@@ -223,11 +223,11 @@ def make_context(cfg, run_dir: Path):
     import torch
 
     from dscl import dist
-    from dscl.checkpoint import write_json
     from dscl.data import build_splits
     from dscl.data.views import ViewConfig
     from dscl.engine import runtime
     from dscl.engine.context import StageContext
+    from dscl.runfiles import write_json
 
     d = cfg.data
     splits = build_splits(  # data problems surface here, before any process group or training
@@ -280,8 +280,8 @@ def make_context(cfg, run_dir: Path):
 
 def _write_config(cfg, run_dir: Path) -> None:
     from dscl import dist
-    from dscl.checkpoint import atomic_write
     from dscl.config import config_to_yaml
+    from dscl.runfiles import atomic_write
 
     if dist.is_main_process():
         atomic_write(run_dir / runfiles.CONFIG, config_to_yaml(cfg))

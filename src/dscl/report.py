@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from dscl import runfiles
-from dscl.checkpoint import atomic_write
 from dscl.data.shots import SHOT_GROUPS, assign_shot_groups
+from dscl.runfiles import atomic_write
 
 GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
 MAX_NAMED_CLASSES = 30  # confusion-matrix axes carry class names up to this many classes

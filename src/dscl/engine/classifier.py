@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dscl import dist, runfiles
-from dscl.checkpoint import git_commit, read_classifier, save_checkpoint, write_json
+from dscl.checkpoint import read_classifier, save_checkpoint
 from dscl.config import config_to_dict
 from dscl.engine import runtime
 from dscl.engine.context import StageContext, memory_format
@@ -23,6 +23,7 @@ from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
+from dscl.runfiles import git_commit, write_json
 
 
 def start_from_stage1_rng(stage1: dict[str, Any], device: torch.device) -> None:

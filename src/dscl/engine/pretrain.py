@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from dscl import runfiles
-from dscl.checkpoint import git_commit
 from dscl.config import config_to_dict
 from dscl.engine import runtime
 from dscl.engine.context import StageContext, data_info, memory_format
 from dscl.engine.knn import KnnMonitor
 from dscl.engine.stage import train_stage
 from dscl.methods import Method, build_method
+from dscl.runfiles import git_commit
 
 
 def own_classifier(method: Method) -> dict:

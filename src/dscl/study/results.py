@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dscl import runfiles
-from dscl.checkpoint import atomic_write
 from dscl.errors import RunFolderError
+from dscl.runfiles import atomic_write
 from dscl.study.runner import (
     FINISHED,
     cell_command,

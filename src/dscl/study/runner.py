@@ -37,10 +37,10 @@ from typing import Any
 import yaml
 
 from dscl import runfiles
-from dscl.checkpoint import atomic_write, git_commit
 from dscl.config import ABSENT, STUDY_IGNORED_KEYS, config_to_dict, first_difference
 from dscl.cpuinfo import cpu_model
 from dscl.errors import ConfigError, RunFolderError
+from dscl.runfiles import atomic_write, git_commit
 from dscl.study.committed import committed_files
 from dscl.study.spec import Cell, Study, value_text
 
@@ -617,6 +617,16 @@ class Claims:
             )
         return False
 
+    def release_job(self, cell: Cell, job_id: str) -> None:
+        """Remove the claim on ``cell`` if it names SLURM job ``job_id`` (its cell finished)."""
+        path = self.path(cell)
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(holder, dict) and str(holder.get("job_id")) == str(job_id):
+            path.unlink(missing_ok=True)
+
     def holder(self, cell: Cell) -> dict | None:
         """What the claim file of ``cell`` says (None without one)."""
         return self._read(self.path(cell))
@@ -628,7 +638,7 @@ class Claims:
         requeued; None while it lives, or where nothing here can tell (a process of another
         host, a job where SLURM's commands are not installed)."""
         if holder.get("job_id"):
-            from dscl.study.slurm import job_gone
+            from dscl.study.slurm_jobs import job_gone
 
             return job_gone(str(holder["job_id"]))
         if holder.get("host") != socket.gethostname():

@@ -12,7 +12,7 @@ Preemption and time limits:
 - SIGTERM (preemption, ``scontrol requeue``, ``scancel``) reaches every process of the job; the
   cell saves its checkpoint and exits 75, and SLURM requeues the job (it is submitted with
   ``--requeue``) or ends it.
-- SIGUSR2, which submitit asks SLURM to send :data:`dscl.study.slurm.SIGNAL_DELAY_S` before the
+- SIGUSR2, which submitit asks SLURM to send :data:`dscl.study.slurm_jobs.SIGNAL_DELAY_S` before the
   time limit, is ignored by the cell's processes; submitit calls :meth:`CellJob.checkpoint`,
   which stops the cell with SIGTERM (it saves), and requeues the job.
 - A requeued job starts the cell again with ``--resume auto``: it continues where it stopped.
@@ -37,13 +37,14 @@ from dscl.study.launcher import Launcher
 from dscl.study.runner import (
     LOG_NAME,
     CellFailed,
+    Claims,
     _read_attempts,
     cell_dir,
     cell_env,
     run_cell,
     running_cells,
 )
-from dscl.study.slurm import SIGNAL_DELAY_S, last_logged, release_job_claim
+from dscl.study.slurm_jobs import SIGNAL_DELAY_S, last_logged
 from dscl.study.spec import Cell, Study
 
 STALL_LIMIT = 3  # requeues in a row without progress before a job gives up
@@ -158,7 +159,7 @@ class CellJob(submitit.helpers.Checkpointable):
             record_note={"slurm_job": job_id},
             ignore_signals=(signal.SIGUSR2,),
         )
-        release_job_claim(self.study, cell, job_id)
+        Claims(self.study).release_job(cell, job_id)
         return cell.name
 
     def _other_node(self, cell: Cell, env: Any) -> str:
