@@ -23,6 +23,14 @@ CONFIG = "config.yaml"  # the run's resolved config
 DATA_SUMMARY = "data_summary.json"  # class counts, splits and shot groups of the data
 TENSORBOARD = "tensorboard"  # a folder
 
+# A study's results folder (``results/<study>/``): the aggregate and what is written beside it
+STUDY_FILE = "study.yaml"  # the study file as the results were made with it
+RESULTS_JSON = "results.json"  # the aggregate, machine-readable
+RESULTS_MD = "RESULTS.md"  # the aggregate, to read
+FINDINGS = "FINDINGS.md"  # hand-written sentences; RESULTS.md includes them
+STUDY_FIGURE = "study.png"  # per-class accuracy and group means
+BUDGET_FIGURE = "budget.png"  # top-1 and Few against stage-1 epochs (studies that compare)
+
 
 def previous_name(name: str) -> str:
     """The name of the file that ``name`` replaced: ``pretrain.pt`` -> ``pretrain.prev.pt``."""

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from dscl import runfiles
-from dscl.errors import ConfigError, RunFolderError
+from dscl.errors import EXIT_INTERRUPTED, ConfigError, RunFolderError
 from dscl.study.launcher import KINDS, Launcher, launcher_for
 from dscl.study.results import aggregate, results_markdown, write_results
 from dscl.study.runner import (
@@ -285,7 +285,7 @@ def _run_here(
             file=stream,
             flush=True,
         )
-        return 75
+        return EXIT_INTERRUPTED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

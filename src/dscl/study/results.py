@@ -29,7 +29,9 @@ from dscl.study.stats import summarize, t_interval
 
 METRICS = ("top1", "many", "medium", "few")
 LABELS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
-FINDINGS = "FINDINGS.md"  # hand-written sentences in the results folder; RESULTS.md includes them
+FINDINGS = (
+    runfiles.FINDINGS
+)  # hand-written sentences in the results folder; RESULTS.md includes them
 CONFIDENCE = 0.95
 MAX_NAMED_CLASSES = 30  # the per-class panel names each class up to this many
 
@@ -188,20 +190,20 @@ def write_results(study: Study, results: dict[str, Any]) -> Path:
     folder = study.results_dir
     findings = read_findings(folder)  # before anything is written: an unreadable one stops here
     text = json.dumps(results, indent=1, ensure_ascii=False) + "\n"
-    atomic_write(folder / "results.json", text)
+    atomic_write(folder / runfiles.RESULTS_JSON, text)
     figure = None
     if results["finished"]:
-        figure = folder / "study.png"
+        figure = folder / runfiles.STUDY_FIGURE
         atomic_write(figure, _figure_png(study, results))
     else:
-        (folder / "study.png").unlink(missing_ok=True)
+        (folder / runfiles.STUDY_FIGURE).unlink(missing_ok=True)
     budgets = budget_comparison(study, results)
     if budgets["points"]:
-        atomic_write(folder / "budget.png", _budget_png(study, budgets))
+        atomic_write(folder / runfiles.BUDGET_FIGURE, _budget_png(study, budgets))
     else:
-        (folder / "budget.png").unlink(missing_ok=True)
+        (folder / runfiles.BUDGET_FIGURE).unlink(missing_ok=True)
     page = results_markdown(study, results, figure is not None, budgets, findings)
-    return atomic_write(folder / "RESULTS.md", page)
+    return atomic_write(folder / runfiles.RESULTS_MD, page)
 
 
 def read_findings(folder: Path) -> str | None:
@@ -243,7 +245,7 @@ def budget_comparison(study: Study, results: dict[str, Any]) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - reported in RESULTS.md, not fatal
             notes.append({"name": name, "missing": f"cannot read the study file ({err})"})
             continue
-        path = other.results_dir / "results.json"
+        path = other.results_dir / runfiles.RESULTS_JSON
         try:
             studies.append((other, json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, ValueError):
@@ -477,7 +479,7 @@ def _md_commands(study: Study) -> list[str]:
         f"`{study.results_as_written}`, from which the study continues on any machine):",
         "",
     ]
-    study_file = Path(study.results_as_written) / "study.yaml"
+    study_file = Path(study.results_as_written) / runfiles.STUDY_FILE
     out += ["```", f"dscl study --config {study_file}", "```", ""]
     out += ["Each cell (`--resume auto` continues an interrupted cell and starts a fresh one):", ""]
     out.append("```")

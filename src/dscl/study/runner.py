@@ -310,7 +310,7 @@ def write_study_file(study: Study, folder: Path | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunFolderError(f"{folder}: cannot create the study folder ({err.strerror})") from None
-    return atomic_write(folder / "study.yaml", study.to_yaml())
+    return atomic_write(folder / runfiles.STUDY_FILE, study.to_yaml())
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

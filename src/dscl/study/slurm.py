@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dscl.errors import ConfigError, SetupError
+from dscl.errors import EXIT_INTERRUPTED, ConfigError, SetupError
 from dscl.study.launcher import Launcher
 from dscl.study.runner import (
     ATTEMPT_HEADER,
@@ -271,7 +271,7 @@ def _local_status(study: Study, cell: Cell, state: str, holder: dict | None) -> 
         return row
     attempts = _read_attempts(run_dir)
     code = attempts[-1].get("returncode") if attempts else None
-    if code not in (None, 0, 75):
+    if code not in (None, 0, EXIT_INTERRUPTED):
         row.state = "failed"
         row.detail = _failed_detail(study, cell, None, f"exit code {code}")
     elif state == INTERRUPTED:
