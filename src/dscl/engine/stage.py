@@ -14,6 +14,7 @@ import torch
 
 from dscl import dist
 from dscl.checkpoint import save_checkpoint
+from dscl.device_path import sync_free
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
 from dscl.engine.loop import Optimization, run_epoch
@@ -24,8 +25,9 @@ from dscl.methods import Method
 
 def check_interval(ctx) -> int:
     """Steps between agreements on stop requests: every step on a CPU, where it costs nothing;
-    at the logging cadence on a GPU, where it waits for the device."""
-    return 1 if ctx.device.type == "cpu" else ctx.cfg.log_every
+    at the logging cadence where the host must not wait for the device
+    (:func:`dscl.device_path.sync_free`, the switch the step loop's finite check follows)."""
+    return ctx.cfg.log_every if sync_free(ctx.device) else 1
 
 
 def rank_states(feed: TrainFeed) -> list[dict]:
