@@ -513,32 +513,49 @@ def _figure_png(study: Study, results: dict[str, Any]) -> bytes:
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullLocator
 
     rows = [row for row in results["settings"] if row["n"] > 0]
     fig = Figure(figsize=(13, 5.5), dpi=100)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
     colours = [f"C{i % 10}" for i in range(len(rows))]
+    _per_class_panel(left, rows, colours)
+    _groups_panel(right, rows, colours)
+    fig.suptitle(f"study {study.name}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _class_points(row: dict[str, Any]) -> list[tuple[float, float, str]]:
+    """``(training count, accuracy, class name)`` of each class of a setting with both known."""
+    per_class = row["per_class"] or {"accuracy": [], "class_counts": []}
+    names = per_class.get("class_names") or []
+    return [
+        (n, a, names[c] if c < len(names) else f"class {c}")
+        for c, (n, a) in enumerate(
+            zip(per_class["class_counts"], per_class["accuracy"], strict=True)
+        )
+        if n is not None and a is not None and n > 0
+    ]
+
+
+def _per_class_panel(axes, rows: list[dict[str, Any]], colours: list[str]) -> None:
+    """Each class's accuracy against its training count (log scale), one marker per setting."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     markers = "osD^vP*Xh<>"
     labelled: dict[float, str] = {}  # training count -> the class names at that count
     for i, (row, colour) in enumerate(zip(rows, colours, strict=True)):
-        per_class = row["per_class"] or {"accuracy": [], "class_counts": []}
-        names = per_class.get("class_names") or []
-        points = [
-            (n, a, names[c] if c < len(names) else f"class {c}")
-            for c, (n, a) in enumerate(
-                zip(per_class["class_counts"], per_class["accuracy"], strict=True)
-            )
-            if n is not None and a is not None and n > 0
-        ]
+        points = _class_points(row)
         if not points:
             continue
         # one point per class, no line (neighbouring classes have nothing to join them); the
         # settings are spread a little sideways so that equal accuracies stay visible
         spread = 1.0 + 0.04 * (i - (len(rows) - 1) / 2)
         xs = [n * spread for n, _, _ in points]
-        left.scatter(
+        axes.scatter(
             xs,
             [a for _, a, _ in points],
             s=28,
@@ -553,42 +570,40 @@ def _figure_png(study: Study, results: dict[str, Any]) -> bytes:
                 labelled[n] = name
             elif name not in known.split(" / "):
                 labelled[n] = f"{known} / {name}"
-    left.set_xscale("log")
-    left.xaxis.set_minor_locator(NullLocator())  # no minor labels printed over each other
+    axes.set_xscale("log")
+    axes.xaxis.set_minor_locator(NullLocator())  # no minor labels printed over each other
     if 0 < len(labelled) <= MAX_NAMED_CLASSES:
         counts = sorted(labelled)
-        left.set_xticks(counts, [f"{labelled[n]} ({n:g})" for n in counts], rotation=60, ha="right")
-        left.tick_params(axis="x", labelsize=7)
-        left.set_xlabel("class (training images, log scale)")
+        axes.set_xticks(counts, [f"{labelled[n]} ({n:g})" for n in counts], rotation=60, ha="right")
+        axes.tick_params(axis="x", labelsize=7)
+        axes.set_xlabel("class (training images, log scale)")
     else:
-        left.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        left.set_xlabel("training images of the class (log scale)")
-    left.set_ylabel("test accuracy (%)")
-    left.set_ylim(-2, 102)
-    left.set_title("per-class accuracy (mean over seeds), one point per class")
-    left.grid(True, which="major", alpha=0.3)
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.set_xlabel("training images of the class (log scale)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylim(-2, 102)
+    axes.set_title("per-class accuracy (mean over seeds), one point per class")
+    axes.grid(True, which="major", alpha=0.3)
     if rows:
-        left.legend(fontsize=8, loc="best")
+        axes.legend(fontsize=8, loc="best")
 
+
+def _groups_panel(axes, rows: list[dict[str, Any]], colours: list[str]) -> None:
+    """Many/Medium/Few and top-1 means with sample-std error bars, one bar per setting."""
     groups = list(METRICS[1:]) + ["top1"]
     width = 0.8 / max(len(rows), 1)
     for i, (row, colour) in enumerate(zip(rows, colours, strict=True)):
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
         means = [row[k]["mean"] if row[k]["mean"] is not None else math.nan for k in groups]
         stds = [row[k]["std"] or 0.0 for k in groups]
-        right.bar(
+        axes.bar(
             xs, means, width, yerr=stds, capsize=2, color=colour, label=_label(row["settings"])
         )
-    right.set_xticks(range(len(groups)), [LABELS[k] for k in groups])
-    right.set_ylabel("test accuracy (%), mean ± sample std")
-    right.set_ylim(0, 100)
-    right.set_title("groups")
-    right.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"study {study.name}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    return buffer.getvalue()
+    axes.set_xticks(range(len(groups)), [LABELS[k] for k in groups])
+    axes.set_ylabel("test accuracy (%), mean ± sample std")
+    axes.set_ylim(0, 100)
+    axes.set_title("groups")
+    axes.grid(True, axis="y", alpha=0.3)
 
 
 def _budget_png(study: Study, budgets: dict[str, Any]) -> bytes:
