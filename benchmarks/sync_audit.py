@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dscl.config import build_config
+from dscl.config import FeedSettings, build_config
 from dscl.data import ImageFileDataset
 from dscl.data.synthetic import make_synthetic
 from dscl.data.views import ViewConfig
@@ -79,8 +79,9 @@ def build(method_name: str, device: torch.device, *, image_size: int, batch: int
         seed=0,
         device=device,
         request=method.view_request(),
-        num_workers=0 if path == "memory" else 1,
-        decode_on_device=path == "device_decode",
+        settings=FeedSettings(
+            num_workers=0 if path == "memory" else 1, decode_on_device=path == "device_decode"
+        ),
     )
     method.to(device)
     method.start_training()

@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from dscl.config import (
+    AMP_MODES,
+    BN_MODES,
+    FILE_VIEWS,
+    VAL_SHORTFALL,
     ConfigError,
+    DataConfig,
+    FeedSettings,
     RunConfig,
     build_config,
     config_from_dict,
@@ -81,6 +87,37 @@ def test_bad_file_names_file_and_key(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         build_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "choices"),
+    [
+        ("classifier.bn_mode", BN_MODES),
+        ("data.val_shortfall", VAL_SHORTFALL),
+        ("data.file_views", FILE_VIEWS),
+        ("amp", AMP_MODES),
+    ],
+)
+def test_a_choice_setting_takes_exactly_the_values_of_its_constant(key, choices):
+    for value in choices:
+        build_config(None, [f"{key}={value}"])
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [f"{key}=other"])
+    assert str(err.value) == f"{key}: 'other' is not one of {', '.join(choices)}"
+
+
+def test_feed_settings_carry_the_data_settings():
+    data = DataConfig(
+        num_workers=3, batched_views=False, file_views="per_sample", decode_on_device=True
+    )
+    data.jpeg_draft = 64  # each field away from its default (the combination is not checked)
+    assert data.feed_settings() == FeedSettings(
+        num_workers=3, in_memory=False, file_views="per_sample", jpeg_draft=64,
+        decode_on_device=True,
+    )  # fmt: skip
+    assert DataConfig().feed_settings() == FeedSettings()
+    with pytest.raises(ValueError, match="^file_views: 'fastest' is not one of fast, per_sample$"):
+        FeedSettings(file_views="fastest")
 
 
 def test_round_trip_through_dict_and_yaml():

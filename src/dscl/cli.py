@@ -219,50 +219,29 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def make_context(cfg, run_dir: Path):
-    """Distributed set-up, device, precision, data splits and logger for one command."""
+    """Distributed set-up, device, precision, data splits, views, feed settings and logger for
+    one command."""
     import torch
 
     from dscl import dist
-    from dscl.data import build_splits
+    from dscl.data import build_splits_for
     from dscl.data.views import ViewConfig
     from dscl.engine import runtime
     from dscl.engine.context import StageContext
     from dscl.runfiles import write_json
 
     d = cfg.data
-    splits = build_splits(  # data problems surface here, before any process group or training
-        d.name,
-        d.root,
-        n_max=d.n_max,
-        imbalance_ratio=d.imbalance_ratio,
-        seed=d.seed,
-        class_order=d.class_order,
-        val_per_class=d.val_per_class,
-        val_shortfall=d.val_shortfall,
-        skip_bad_images=d.skip_bad_images,
-        download=d.download,
-        **d.extra,
-    )
+    splits = build_splits_for(d)  # data problems surface here, before any process group or training
     _, world_size, local_rank = dist.init_distributed()
     runtime.set_threads(cfg.threads)
     device = runtime.select_device(cfg.device, local_rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     runtime.seed_everything(cfg.seed + dist.get_rank())
-    view_cfg = ViewConfig(
-        view_size=d.image_size,
-        patch_size=d.patch_size,
-        num_patches=d.num_patches,
-        crop_scale=tuple(d.crop_scale),
-        patch_scale=tuple(d.patch_scale),
-        color_augment=d.color_augment,
-        mean=tuple(d.mean),
-        std=tuple(d.std),
-    )
+    view_cfg, feed = ViewConfig.from_data(d), d.feed_settings()
     logger = runtime.RunLogger(run_dir, progress=cfg.progress)
-    ctx = StageContext(
-        cfg, run_dir, device, runtime.amp_dtype(cfg.amp, device), splits, view_cfg, logger
-    )
+    amp = runtime.amp_dtype(cfg.amp, device)
+    ctx = StageContext(cfg, run_dir, device, amp, splits, view_cfg, feed, logger)
     summary = splits.summary(d.many_threshold, d.few_threshold)
     groups = ", ".join(f"{g} {v['classes']}" for g, v in summary["groups"].items())
     logger.info(

@@ -25,6 +25,47 @@ _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+# The values a setting that takes one of a few may have: the config's checks and the library
+# entry points that can be called without a config use these, and nothing keeps its own copy.
+LABEL_ORDER = "label"  # data.class_order: the class order of the labels (else an integer seed)
+VAL_SHORTFALL = ("partial", "carve", "error")  # data.val_shortfall
+FILE_VIEWS = ("fast", "per_sample")  # data.file_views
+BN_MODES = ("train", "eval")  # classifier.bn_mode
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # amp
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...], error: type = ConfigError) -> None:
+    """Raise ``error`` naming ``key`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise error(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    """How batches are fed (``dscl.engine.feed.TrainFeed`` and ``eval_batches``), as
+    :meth:`DataConfig.feed_settings` resolves them from the run's data settings.
+
+    Attributes:
+        num_workers: DataLoader workers for image files and the per-sample path.
+        in_memory: use the on-device path when the dataset supports it (``data.batched_views``).
+        file_views: ``"fast"`` or ``"per_sample"``: how an image-file dataset is fed (see
+            ``dscl.engine.feed``).
+        jpeg_draft: 0, or (fast path) decode JPEGs at the DCT scale 1/2, 1/4 or 1/8 that keeps
+            the shorter side >= this many pixels.
+        decode_on_device: (fast path, CUDA devices) the workers only read the JPEGs' bytes and
+            the main process decodes a batch at a time on the device (nvJPEG); elsewhere the
+            workers decode.
+    """
+
+    num_workers: int = 0
+    in_memory: bool = True
+    file_views: str = "fast"
+    jpeg_draft: int = 0
+    decode_on_device: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("file_views", self.file_views, FILE_VIEWS, ValueError)
+
 
 @dataclass
 class DataConfig:
@@ -35,11 +76,11 @@ class DataConfig:
     seed: int = 0  # which images the long-tailed subset keeps
     # which class gets which count of the profile: "label" (class c gets the c-th largest) or an
     # integer seed that permutes the classes over the counts (separates frequency from difficulty)
-    class_order: int | str = "label"
+    class_order: int | str = LABEL_ORDER
     val_per_class: int = 20  # validation images per class where none are published
     # when a class has too few unused images for validation (CIFAR-LT's head class): "partial"
     # gives it fewer, "carve" moves the missing ones out of its training images, "error" stops
-    val_shortfall: str = "partial"
+    val_shortfall: str = "partial"  # one of VAL_SHORTFALL
     skip_bad_images: bool = False
     download: bool = False  # allow torchvision's downloaders (never needed offline)
     extra: dict[str, Any] = field(default_factory=dict)  # list-file paths, image root, ...
@@ -54,12 +95,22 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers for image files (and the per-sample path)
     # image-file datasets: "fast" (workers decode once and crop to uint8, colour ops batched on
     # the device) or "per_sample" (the whole transform per image in the workers)
-    file_views: str = "fast"
+    file_views: str = "fast"  # one of FILE_VIEWS
     jpeg_draft: int = 0  # fast path: decode JPEGs at 1/2..1/8 scale keeping this shorter side
     decode_on_device: bool = False  # fast path on CUDA: decode JPEGs there (nvJPEG), not in workers
     batched_views: bool = True  # build views on the device when the dataset fits in memory
     many_threshold: int = 100  # Many: more than this many training images
     few_threshold: int = 20  # Few: fewer than this many
+
+    def feed_settings(self) -> FeedSettings:
+        """How this run's batches are fed (the ``TrainFeed`` and ``eval_batches`` settings)."""
+        return FeedSettings(
+            num_workers=self.num_workers,
+            in_memory=self.batched_views,
+            file_views=self.file_views,
+            jpeg_draft=self.jpeg_draft,
+            decode_on_device=self.decode_on_device,
+        )
 
 
 @dataclass
@@ -100,7 +151,7 @@ class ClassifierConfig:
     # classifier retrained on the frozen backbone), "auto" (keep for one-stage methods, bcl and
     # paco; probe for the others)
     mode: str = "auto"
-    bn_mode: str = "train"  # "train": re-estimate BN statistics; "eval": keep them
+    bn_mode: str = "train"  # BN_MODES: "train" re-estimates BN statistics, "eval" keeps them
     balanced: bool = True  # class-balanced sampling
     eval_every: int = 1  # validate every this many epochs
     save_every_steps: int = 0  # mid-epoch checkpoint every this many steps (0: epoch ends only)
@@ -113,7 +164,7 @@ class RunConfig:
     method: str = "dscl+pbsd"  # a registered method (dscl.methods): ce, supcon, dscl, ...+pbsd
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"  # "auto" (bf16 on GPU), "off", "bf16", "fp16"
+    amp: str = "auto"  # AMP_MODES: "auto" (bf16 on GPU), "off", "bf16", "fp16"
     channels_last: bool = True
     # torch.compile the stage-1 encoders' training forward (eval passes stay eager). Costs a
     # compile of a minute or more at the first steps; see docs/DEVICES.md for when it pays off.
@@ -180,14 +231,9 @@ class RunConfig:
 
     def _check_choices(self) -> None:
         """Settings that take one of a few values, and the combinations they allow."""
-        if self.classifier.bn_mode not in ("train", "eval"):
-            raise ConfigError(f"classifier.bn_mode: {self.classifier.bn_mode!r} is not train/eval")
-        if self.data.val_shortfall not in ("partial", "carve", "error"):
-            raise ConfigError(
-                f"data.val_shortfall: {self.data.val_shortfall!r} is not partial/carve/error"
-            )
-        if self.data.file_views not in ("fast", "per_sample"):
-            raise ConfigError(f"data.file_views: {self.data.file_views!r} is not fast/per_sample")
+        check_choice("classifier.bn_mode", self.classifier.bn_mode, BN_MODES)
+        check_choice("data.val_shortfall", self.data.val_shortfall, VAL_SHORTFALL)
+        check_choice("data.file_views", self.data.file_views, FILE_VIEWS)
         if self.data.jpeg_draft and self.data.file_views != "fast":
             raise ConfigError("data.jpeg_draft: applies to data.file_views=fast only")
         if self.data.decode_on_device and (self.data.file_views != "fast" or self.data.jpeg_draft):
@@ -195,10 +241,11 @@ class RunConfig:
                 "data.decode_on_device: needs data.file_views=fast and data.jpeg_draft=0"
             )
         order = self.data.class_order
-        if isinstance(order, str) and order != "label":
-            raise ConfigError(f"data.class_order: {order!r} is neither 'label' nor an integer seed")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            raise ConfigError(f"amp: {self.amp!r} is not one of auto, off, bf16, fp16")
+        if isinstance(order, str) and order != LABEL_ORDER:
+            raise ConfigError(
+                f"data.class_order: {order!r} is neither {LABEL_ORDER!r} nor an integer seed"
+            )
+        check_choice("amp", self.amp, AMP_MODES)
 
     def _check_numbers(self) -> None:
         """Counts, sizes, rates and thresholds within their ranges."""

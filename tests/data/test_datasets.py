@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from dscl.config import DataConfig
 from dscl.data import (
     DATASETS,
     DataError,
     ImageFileDataset,
     build_splits,
+    build_splits_for,
     exponential_profile,
     subsample_longtail,
 )
@@ -271,6 +273,27 @@ def make_folder_tree(root, counts, split="train"):
     for c, n in enumerate(counts):
         for i in range(n):
             save(root / split / f"class{c}" / f"{i}.png", Image.new("RGB", (4, 4), (c, i, 0)))
+
+
+def test_splits_of_the_data_settings_are_those_of_the_keyword_call(tmp_path):
+    settings = {"n_max": 30, "imbalance_ratio": 6.0, "seed": 2, "class_order": 5}
+    settings |= {"val_per_class": 3, "val_shortfall": "error"}
+    extra = {"num_classes": 4, "image_size": 8, "test_per_class": 2}
+    data = DataConfig(name="synthetic_lt", image_size=8, extra=extra, **settings)
+    ours, theirs = build_splits_for(data), build_splits("synthetic_lt", **settings, **extra)
+    assert ours.summary() == theirs.summary()
+    assert ours.class_permutation == theirs.class_permutation != [0, 1, 2, 3]
+    for split in ("train", "val", "test"):
+        a, b = getattr(ours, split), getattr(theirs, split)
+        assert list(a.targets) == list(b.targets)
+        assert torch.equal(a.tensor_images(), b.tensor_images())
+    # a head class short of validation images: the shortfall setting and the root reach it
+    make_folder_tree(tmp_path, [10, 10, 10])
+    make_folder_tree(tmp_path, [1, 1, 1], "test")
+    data = DataConfig(name="image_folder", root=str(tmp_path), n_max=8, imbalance_ratio=4)
+    data.val_per_class, data.val_shortfall = 3, "carve"
+    splits = build_splits_for(data)
+    assert splits.class_counts == [7, 4, 2] and splits.val.class_counts == [3, 3, 3]
 
 
 def test_image_folder_carved_validation(tmp_path):

@@ -130,6 +130,7 @@ def _same(a, b) -> bool:
 
 _UNDER_A_FILE_LIMIT = """
 import sys, torch
+from dscl.config import FeedSettings
 from dscl.data import ImageFileDataset
 from dscl.data.device_decode import DeviceDecoder
 from dscl.data.views import ViewConfig
@@ -140,7 +141,7 @@ cfg, cpu = ViewConfig(view_size=16), torch.device("cpu")
 data = ImageFileDataset(paths, [i % 2 for i in range(len(paths))], ["a", "b"])
 feed = TrainFeed(
     data, kind="views", view_cfg=cfg, batch_size=256, balanced=False, seed=0, device=cpu,
-    num_workers=2,
+    settings=FeedSettings(num_workers=2),
 )
 feed.decoder = DeviceDecoder("views", cfg, cpu)  # the CUDA code path, decoding on the CPU
 count = 0

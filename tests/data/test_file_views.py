@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from dscl.config import RunConfig
+from dscl.config import FeedSettings, RunConfig
 from dscl.data import DataError, ImageFileDataset, load_rgb
 from dscl.data.classifier_views import ClassifierTrainTransform
 from dscl.data.crop_ops import draw_boxes, to_unit
@@ -279,7 +279,7 @@ def test_a_bad_file_in_an_epoch_is_one_line_naming_it(tmp_path, workers):
         balanced=False,
         seed=0,
         device=CPU,
-        num_workers=workers,
+        settings=FeedSettings(num_workers=workers),
     )
     assert _message(lambda: list(feed.epoch(0))) == expected
 
@@ -287,15 +287,16 @@ def test_a_bad_file_in_an_epoch_is_one_line_naming_it(tmp_path, workers):
 # ---------------------------------------------------------------- the feed
 
 
-def _feed(dataset, kind, **kw):
+def _feed(dataset, kind, device=CPU, **settings):
     return TrainFeed(
         dataset,
         kind=kind,
         view_cfg=ViewConfig(view_size=16),
+        settings=FeedSettings(**settings),
         batch_size=2,
         balanced=kind == "classify",
         seed=3,
-        **{"device": CPU, **kw},
+        device=device,
     )
 
 
@@ -496,9 +497,10 @@ def test_fast_evaluation_equals_the_per_sample_transform(tmp_path, size, workers
         paths.append(str(tmp_path / name))
     dataset = ImageFileDataset(paths, [i % 2 for i in range(len(paths))], ["a", "b"])
     cfg = ViewConfig(view_size=size)
-    kw = {"batch_size": 3, "device": CPU, "num_workers": workers}
-    fast = list(eval_batches(dataset, cfg, **kw))
-    slow = list(eval_batches(dataset, cfg, file_views="per_sample", **kw))
+    kw = {"batch_size": 3, "device": CPU}
+    fast = list(eval_batches(dataset, cfg, settings=FeedSettings(num_workers=workers), **kw))
+    per_sample = FeedSettings(num_workers=workers, file_views="per_sample")
+    slow = list(eval_batches(dataset, cfg, settings=per_sample, **kw))
     assert len(fast) == len(slow) == -(-len(paths) // 3)
     for (a, ya), (b, yb) in zip(fast, slow, strict=True):
         assert torch.equal(ya, yb) and a.shape == b.shape == (len(ya), 3, size, size)
@@ -513,7 +515,11 @@ def test_fast_evaluation_stops_at_a_bad_file_with_its_message(tmp_path):
     expected = _message(lambda: dataset[3])
     for workers in (0, 1):
         batches = eval_batches(
-            dataset, ViewConfig(view_size=16), batch_size=2, device=CPU, num_workers=workers
+            dataset,
+            ViewConfig(view_size=16),
+            batch_size=2,
+            device=CPU,
+            settings=FeedSettings(num_workers=workers),
         )
         assert _message(lambda b=batches: list(b)) == expected
 
@@ -522,7 +528,7 @@ def test_fast_evaluation_stops_at_a_bad_file_with_its_message(tmp_path):
 def test_fast_evaluation_share_is_every_world_th_batch(jpegs, workers):
     """A rank's share of the evaluation batches (kNN monitor under several processes): the
     one-process batches rank, rank + world, ..., the same images and labels."""
-    kw = {"batch_size": 2, "device": CPU, "num_workers": workers}
+    kw = {"batch_size": 2, "device": CPU, "settings": FeedSettings(num_workers=workers)}
     cfg = ViewConfig(view_size=16)
     whole = list(eval_batches(jpegs, cfg, **kw))
     assert len(whole) == 3

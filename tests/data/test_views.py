@@ -10,6 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.ops import roi_align
 
+from dscl.config import DataConfig
 from dscl.data import color_ops, crop_ops
 from dscl.data import views as V
 
@@ -59,6 +60,30 @@ def test_view_config_patch_size_and_coercion():
     assert V.ViewConfig(view_size=32, patch_size=12).patch_px == 12
     cfg = V.ViewConfig(crop_scale=[0.2, 1], mean=[0.5, 0.5, 0.5])  # YAML lists
     assert cfg.crop_scale == (0.2, 1.0) and cfg.mean == (0.5, 0.5, 0.5)
+
+
+def test_view_config_from_the_data_settings():
+    data = DataConfig(
+        image_size=20,
+        patch_size=6,
+        num_patches=3,
+        crop_scale=[0.2, 0.9],
+        patch_scale=[0.1, 0.5],
+        color_augment=False,
+        mean=[0.1, 0.2, 0.3],
+        std=[0.4, 0.5, 0.6],
+    )
+    assert V.ViewConfig.from_data(data) == V.ViewConfig(
+        view_size=20,
+        patch_size=6,
+        num_patches=3,
+        crop_scale=(0.2, 0.9),
+        patch_scale=(0.1, 0.5),
+        color_augment=False,
+        mean=(0.1, 0.2, 0.3),
+        std=(0.4, 0.5, 0.6),
+    )
+    assert V.ViewConfig.from_data(DataConfig()) == V.ViewConfig(view_size=28)
 
 
 def test_blur_kernel_sizes():

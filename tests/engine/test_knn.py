@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dscl.checkpoint import load_checkpoint
 from dscl.cli import main
+from dscl.config import FeedSettings
 from dscl.data import ArrayImageDataset
 from dscl.data.views import ViewConfig
 from dscl.engine.feed import eval_batches, eval_shard
@@ -104,7 +105,8 @@ def test_a_rank_evaluates_every_world_th_batch_of_one_process(in_memory):
     dataset = ArrayImageDataset(
         rng.integers(0, 256, (11, 8, 8, 3), dtype=np.uint8), list(range(11)), ["x"] * 11
     )
-    kw = {"batch_size": 4, "device": torch.device("cpu"), "in_memory": in_memory}
+    settings = FeedSettings(in_memory=in_memory)
+    kw = {"batch_size": 4, "device": torch.device("cpu"), "settings": settings}
     cfg = ViewConfig(view_size=8)
     whole = list(eval_batches(dataset, cfg, **kw))
     assert [len(y) for _, y in whole] == [4, 4, 3]

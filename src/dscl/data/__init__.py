@@ -3,7 +3,7 @@
 The multi-view transforms live in ``dscl.data.views`` (imported on their own).
 """
 
-from dscl.data.datasets import DATASETS, DatasetSpec, DataSplits, build_splits
+from dscl.data.datasets import DATASETS, DatasetSpec, DataSplits, build_splits, build_splits_for
 from dscl.data.imagesets import (
     ArrayImageDataset,
     DataError,
@@ -41,6 +41,7 @@ __all__ = [
     "assign_shot_groups",
     "balanced_holdout",
     "build_splits",
+    "build_splits_for",
     "carve_per_class",
     "class_counts",
     "exponential_profile",

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dscl.config import LABEL_ORDER, VAL_SHORTFALL, DataConfig, check_choice
 from dscl.data.arrayfiles import read_cifar, read_fashion_mnist
 from dscl.data.imagesets import ArrayImageDataset, DataError, ImageFileDataset
 from dscl.data.listfiles import (
@@ -72,7 +73,6 @@ from dscl.data.listsets import (
 )
 from dscl.data.longtail import subsample_longtail
 from dscl.data.splits import (
-    VAL_SHORTFALL,
     DataSplits,
     SplitRequest,
     carve_split,
@@ -85,7 +85,7 @@ from dscl.data.splits import (
 )
 from dscl.data.synthetic import make_synthetic
 
-__all__ = ["DATASETS", "DataError", "DataSplits", "DatasetSpec", "build_splits"]
+__all__ = ["DATASETS", "DataError", "DataSplits", "DatasetSpec", "build_splits", "build_splits_for"]
 
 
 def _array_lt(full: ArrayImageDataset, test: ArrayImageDataset, req: SplitRequest) -> DataSplits:
@@ -241,7 +241,7 @@ def build_splits(
     n_max: int | None = None,
     imbalance_ratio: float | None = None,
     seed: int = 0,
-    class_order: str | int = "label",
+    class_order: str | int = LABEL_ORDER,
     val_per_class: int = 20,
     skip_bad_images: bool = False,
     download: bool = False,
@@ -280,8 +280,7 @@ def build_splits(
     for key, value in (("seed", seed), ("val_per_class", val_per_class)):
         if not _is_count(value):
             raise DataError(f"{key} must be a non-negative integer, got {value!r}")
-    if val_shortfall not in VAL_SHORTFALL:
-        raise DataError(f"val_shortfall must be one of {VAL_SHORTFALL}, got {val_shortfall!r}")
+    check_choice("val_shortfall", val_shortfall, VAL_SHORTFALL, DataError)
     if spec.profile == "none" and (n_max is not None or imbalance_ratio is not None):
         raise DataError(
             f"n_max / imbalance_ratio: {name} has a fixed profile, got {n_max} / {imbalance_ratio}"
@@ -294,17 +293,18 @@ def build_splits(
     if spec.profile == "required":
         n_max = spec.n_max if n_max is None else n_max
         imbalance_ratio = spec.imbalance_ratio if imbalance_ratio is None else imbalance_ratio
-    if class_order != "label":
+    if class_order != LABEL_ORDER:
         if not _is_count(class_order):
             raise DataError(
-                f"class_order must be 'label' or a non-negative integer seed, got {class_order!r}"
+                f"class_order must be {LABEL_ORDER!r} or a non-negative integer seed, got "
+                f"{class_order!r}"
             )
         if n_max is None:
             raise DataError(
                 f"class_order: an integer order does not apply to {name}, whose class counts "
                 "are its own (it applies where dscl draws the long-tailed profile: "
                 "fashion_mnist_lt, cifar10_lt, cifar100_lt, synthetic_lt, image_folder with "
-                "n_max and imbalance_ratio); use 'label'"
+                f"n_max and imbalance_ratio); use {LABEL_ORDER!r}"
             )
     req = SplitRequest(
         name=name,
@@ -325,6 +325,24 @@ def build_splits(
         splits = skip_unreadable(splits, name)
     splits.class_order = class_order
     return splits
+
+
+def build_splits_for(data: DataConfig) -> DataSplits:
+    """The splits of a run's data settings (``RunConfig.data``): :func:`build_splits` with
+    every split setting of ``data`` and its ``extra`` mapping as the dataset's own settings."""
+    return build_splits(
+        data.name,
+        data.root,
+        n_max=data.n_max,
+        imbalance_ratio=data.imbalance_ratio,
+        seed=data.seed,
+        class_order=data.class_order,
+        val_per_class=data.val_per_class,
+        val_shortfall=data.val_shortfall,
+        skip_bad_images=data.skip_bad_images,
+        download=data.download,
+        **data.extra,
+    )
 
 
 def _is_count(value: object) -> bool:

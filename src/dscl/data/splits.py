@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from dscl.config import LABEL_ORDER
 from dscl.data.imagesets import DataError, ImageFileDataset
 from dscl.data.longtail import (
     balanced_holdout,
@@ -33,7 +34,6 @@ from dscl.data.longtail import (
 from dscl.data.shots import ShotGroups
 
 log = logging.getLogger(__name__)
-VAL_SHORTFALL = ("partial", "carve", "error")
 SPLITS = ("train", "val", "test")
 
 
@@ -61,7 +61,7 @@ class DataSplits:
     class_names: list[str]
     class_counts: list[int]
     notes: list[str] = field(default_factory=list)
-    class_order: str | int = "label"
+    class_order: str | int = LABEL_ORDER
     class_permutation: list[int] | None = None
     bad_images: dict[str, list[dict[str, str]]] = field(
         default_factory=lambda: {split: [] for split in SPLITS}
@@ -142,7 +142,7 @@ def make_splits(
 def profile_counts(num_classes: int, req: SplitRequest) -> tuple[list[int], list[int]]:
     """(per-class counts, permutation) of the requested exponential profile and class order."""
     profile = exponential_profile(num_classes, req.n_max, req.imbalance_ratio)
-    return order_profile(profile, None if req.class_order == "label" else req.class_order)
+    return order_profile(profile, None if req.class_order == LABEL_ORDER else req.class_order)
 
 
 def skip_unreadable(splits: DataSplits, name: str) -> DataSplits:

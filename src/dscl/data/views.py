@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dscl.config import DataConfig
 from dscl.data.classifier_views import (
     ClassifierTrainTransform,
     EvalTransform,
@@ -123,6 +124,22 @@ class ViewConfig:
         coerced["mean"], coerced["std"] = check_stats(self.mean, self.std)
         for name, value in coerced.items():  # lists from YAML become tuples
             object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> ViewConfig:
+        """The views of a run's data settings (``RunConfig.data``; the other fields keep their
+        defaults). A classmethod here, not a method of ``DataConfig``, because the config sits
+        below ``dscl.data`` and must not import torch."""
+        return cls(
+            view_size=data.image_size,
+            patch_size=data.patch_size,
+            num_patches=data.num_patches,
+            crop_scale=tuple(data.crop_scale),
+            patch_scale=tuple(data.patch_scale),
+            color_augment=data.color_augment,
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+        )
 
     @property
     def patch_px(self) -> int:

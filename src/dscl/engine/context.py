@@ -1,6 +1,7 @@
 """What a training stage runs with, decided once by the command line: the run's config, folder,
-device, precision, data splits, views and logger (:class:`StageContext`), and what both stages
-build from it: training feeds, evaluation batches, metrics, the optimizer, the memory format.
+device, precision, data splits, views, feed settings and logger (:class:`StageContext`), and what
+both stages build from it: training feeds, evaluation batches, metrics, the optimizer, the memory
+format.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 import torch
 
 from dscl import dist
-from dscl.config import RunConfig
-from dscl.data.views import ALL_VIEWS
+from dscl.config import FeedSettings, RunConfig
+from dscl.data.views import ALL_VIEWS, ViewConfig
 from dscl.engine import runtime
 from dscl.engine.evaluate import classification_metrics
 from dscl.engine.feed import TrainFeed, eval_batches
@@ -31,7 +32,8 @@ class StageContext:
     device: torch.device
     amp: torch.dtype | None
     splits: object  # dscl.data.DataSplits
-    view_cfg: object  # dscl.data.views.ViewConfig
+    view_cfg: ViewConfig  # the views of cfg.data (ViewConfig.from_data)
+    feed: FeedSettings  # how batches are fed (cfg.data.feed_settings())
     logger: runtime.RunLogger
     stop: StopSignals | None = None  # stop requests (SIGTERM/SIGINT) while training
 
@@ -40,35 +42,27 @@ class StageContext:
     ):
         """Training batches of ``kind`` for the global ``batch_size`` (setting ``key``), with the
         views of ``request`` (a ``ViewRequest``; None: the standard ones)."""
-        d = self.cfg.data
         return TrainFeed(
             self.splits.train,
             kind=kind,
             view_cfg=self.view_cfg,
+            settings=self.feed,
             batch_size=per_process_batch(batch_size, key),
             balanced=balanced,
             seed=seed,
             device=self.device,
-            num_workers=d.num_workers,
-            in_memory=d.batched_views,
-            file_views=d.file_views,
-            jpeg_draft=d.jpeg_draft,
-            decode_on_device=d.decode_on_device,
             request=request if request is not None else ALL_VIEWS,
         )
 
     def eval_batches(self, dataset, shard: bool = False):
         """Deterministic evaluation batches over a whole split; with ``shard``, only this rank's
         share of them (every rank a different one, see :func:`~dscl.engine.feed.eval_shard`)."""
-        d = self.cfg.data
         return eval_batches(
             dataset,
             self.view_cfg,
             batch_size=256,
             device=self.device,
-            num_workers=d.num_workers,
-            in_memory=d.batched_views,
-            file_views=d.file_views,
+            settings=self.feed,
             rank=dist.get_rank() if shard else 0,
             world=dist.get_world_size() if shard else 1,
         )

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dscl import dist
+from dscl.config import FeedSettings
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
 from dscl.data.fileviews import EvalCrops, FileCrops, finish_batch, normalised_planes
 from dscl.data.imagesets import ImageFileDataset
@@ -43,7 +44,6 @@ from dscl.device_path import sync_free
 from dscl.errors import DataError, SetupError
 from dscl.methods.base import CLASSIFY, VIEWS
 
-FILE_VIEWS = ("fast", "per_sample")  # data.file_views
 # seconds a training loader with workers may go without a batch before the run stops: a worker
 # whose batch never arrives (its queue's feeder thread failed, e.g. "Too many open files", and the
 # worker lives on) would otherwise leave the main process waiting for ever. Far above a batch's
@@ -70,19 +70,13 @@ class TrainFeed:
         dataset: a dscl dataset (``targets``, optional ``tensor_images()``).
         kind: ``"views"`` for contrastive views, ``"classify"`` for one augmented image.
         view_cfg: view sizes, patch settings and normalisation.
+        settings: how batches are fed: DataLoader workers, the on-device path, the image-file
+            path and its JPEG decoding (:class:`~dscl.config.FeedSettings`; the defaults where
+            None).
         batch_size: images per step on this rank.
         balanced: class-balanced sampling (stage 2) instead of a random permutation.
         seed: base seed; an epoch's order and augmentations depend on (seed, epoch, rank).
         device: where batches are made.
-        num_workers: DataLoader workers for the per-sample path.
-        in_memory: use the on-device path when the dataset supports it.
-        file_views: ``"fast"`` or ``"per_sample"``: how an image-file dataset is fed (see the
-            module docstring).
-        jpeg_draft: 0, or (fast path) decode JPEGs at the DCT scale 1/2, 1/4 or 1/8 that keeps
-            the shorter side >= this many pixels.
-        decode_on_device: (fast path, CUDA devices) the workers only read the JPEGs' bytes and
-            the main process decodes a batch at a time on the device (nvJPEG); elsewhere the
-            workers decode.
         request: (kind ``"views"``) the views to make, as the method declares them
             (:meth:`dscl.methods.Method.view_request`): exactly those on every path.
     """
@@ -93,23 +87,19 @@ class TrainFeed:
         *,
         kind: str,
         view_cfg: ViewConfig,
+        settings: FeedSettings | None = None,
         batch_size: int,
         balanced: bool,
         seed: int,
         device: torch.device,
-        num_workers: int = 0,
-        in_memory: bool = True,
-        file_views: str = "fast",
-        jpeg_draft: int = 0,
-        decode_on_device: bool = False,
         request: ViewRequest = ALL_VIEWS,
     ) -> None:
         if kind not in (VIEWS, CLASSIFY):
             raise ValueError(f"kind: {kind!r} is not 'views' or 'classify'")
-        if file_views not in FILE_VIEWS:
-            raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
-        self.fast_files = file_views == "fast" and isinstance(dataset, ImageFileDataset)
-        self.jpeg_draft = jpeg_draft
+        settings = FeedSettings() if settings is None else settings
+        self.settings = settings
+        self.fast_files = settings.file_views == "fast" and isinstance(dataset, ImageFileDataset)
+        self.jpeg_draft = settings.jpeg_draft
         self.dataset, self.kind, self.view_cfg = dataset, kind, view_cfg
         if not isinstance(request, ViewRequest):
             raise ValueError(f"request: must be a ViewRequest, got {type(request).__name__}")
@@ -122,10 +112,10 @@ class TrainFeed:
         # device_path.gpu_path, where a CPU takes the GPU's way, with torchvision's CPU decoder);
         # made here so that a torchvision without decode_jpeg stops the run before it starts
         self.decoder: DeviceDecoder | None = None
-        if decode_on_device and sync_free(device):
+        if settings.decode_on_device and sync_free(device):
             self.decoder = DeviceDecoder(kind, view_cfg, device, request)
         self.batch_size, self.balanced, self.seed = batch_size, balanced, seed
-        self.device, self.num_workers = device, num_workers
+        self.device, self.num_workers = device, settings.num_workers
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.targets = torch.as_tensor(list(dataset.targets), dtype=torch.long)
         per_rank = len(self.targets) // self.world
@@ -137,7 +127,7 @@ class TrainFeed:
             )
         self.images = None
         self.generator: torch.Generator | None = None
-        if in_memory and hasattr(dataset, "tensor_images"):
+        if settings.in_memory and hasattr(dataset, "tensor_images"):
             self.images = dataset.tensor_images().to(device)  # (N, 3, H, W) uint8
             self.labels_on_device = self.targets.to(device)
             self.multiview = BatchedMultiView(view_cfg, request) if kind == VIEWS else None
@@ -145,7 +135,7 @@ class TrainFeed:
     @property
     def device_decode(self) -> bool:
         """Whether the workers only read the JPEGs' bytes and the main process decodes them on
-        the device (``decode_on_device`` on a CUDA device)."""
+        the device (``settings.decode_on_device`` on a CUDA device)."""
         return self.decoder is not None
 
     def indices(self, epoch: int) -> torch.Tensor:
@@ -338,32 +328,33 @@ def eval_batches(
     *,
     batch_size: int,
     device: torch.device,
-    num_workers: int = 0,
-    in_memory: bool = True,
-    file_views: str = "fast",
+    settings: FeedSettings | None = None,
     rank: int = 0,
     world: int = 1,
 ):
     """Deterministic (images, labels) batches over a whole evaluation split, in order.
 
-    Image files on the fast path (``file_views="fast"``) are decoded, resized and centre-cropped
-    in uint8 by the workers (``fileviews.EvalCrops``) and normalised a batch at a time on the
-    device (in the workers when training on the CPU with workers).
+    ``settings`` (:class:`~dscl.config.FeedSettings`; the defaults where None) gives the
+    DataLoader workers, the on-device path and the image-file path; JPEG drafts and decoding on
+    the device apply to training only. Image files on the fast path (``file_views="fast"``) are
+    decoded, resized and centre-cropped in uint8 by the workers (``fileviews.EvalCrops``) and
+    normalised a batch at a time on the device (in the workers when training on the CPU with
+    workers).
 
     With ``world`` > 1 only the share of rank ``rank`` is made: batches ``rank``, ``rank + world``,
     ... of the one-process order (:func:`eval_shard`), each the same images as there, so that the
     ranks of a process group split the work of one evaluation between them. The defaults make
     every batch."""
     cfg = view_cfg
-    if file_views not in FILE_VIEWS:
-        raise ValueError(f"file_views: {file_views!r} is not one of {FILE_VIEWS}")
+    settings = FeedSettings() if settings is None else settings
+    num_workers = settings.num_workers
     if not 0 <= rank < world:
         raise ValueError(f"rank: {rank} is not in [0, {world}) for world {world}")
     # one process: the sequential sampler, as always; a share: its images, in order
     shard = None if world == 1 else eval_shard(len(dataset), batch_size, rank, world)
-    if file_views == "fast" and isinstance(dataset, ImageFileDataset):
+    if settings.file_views == "fast" and isinstance(dataset, ImageFileDataset):
         return _file_eval_batches(dataset, cfg, batch_size, device, num_workers, shard)
-    if in_memory and hasattr(dataset, "tensor_images"):
+    if settings.in_memory and hasattr(dataset, "tensor_images"):
         images = dataset.tensor_images()
         labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
 
