@@ -29,7 +29,8 @@ from views_speed import median_ms
 
 from dscl.data import color_ops
 from dscl.data.crop_ops import normalise
-from dscl.data.views import P_BLUR, P_GRAY, P_JITTER, QUERY_HUE, ViewConfig
+from dscl.data.draws import P_BLUR, P_GRAY, P_JITTER, QUERY_HUE
+from dscl.data.views import ViewConfig
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BLUR_MIN = ViewConfig().blur_min_size

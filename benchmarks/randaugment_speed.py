@@ -21,7 +21,7 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from dscl.data.named_views import SEED_LIMIT
+from dscl.data.draws import SEED_LIMIT
 from dscl.data.randaugment import randaugment
 
 

@@ -21,13 +21,8 @@ from dscl.data import DataError, ImageFileDataset, load_rgb
 from dscl.data.classifier_views import ClassifierTrainTransform
 from dscl.data.crop_ops import draw_boxes, to_unit
 from dscl.data.decode import decode_rgb, jpeg_header, pil_tensor
-from dscl.data.fileviews import (
-    FileCrops,
-    batch_colors,
-    boxes_from_uniforms,
-    finish_batch,
-    to_planes,
-)
+from dscl.data.draws import boxes_from_uniforms
+from dscl.data.fileviews import FileCrops, batch_colors, finish_batch, to_planes
 from dscl.data.views import MultiViewTransform, ViewConfig, _finish, draw_view_params
 from dscl.engine.feed import PositionSeeded, TrainFeed, eval_batches
 from dscl.errors import ConfigError
@@ -102,7 +97,7 @@ def test_same_boxes_flips_and_colour_draws_as_the_per_sample_path(jpegs, color):
         drawn = draw_view_params(cfg, 1, height, width, None)
         assert ("color" in sample) == color
         if color:
-            mine = batch_colors(sample["color"][None], cfg.num_patches)
+            mine = batch_colors(sample["color"][None], cfg)
             theirs = (drawn.query_color, drawn.patch_color, drawn.key_color)
             for a, b in zip(mine, theirs, strict=True):
                 for field in ("jitter", "factors", "order", "gray", "blur", "sigma"):

@@ -21,7 +21,7 @@ from torch.utils.data import default_collate
 
 from dscl.data import ImageFileDataset
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
-from dscl.data.fileviews import FileCrops, draw_named_one, finish_batch
+from dscl.data.fileviews import FileCrops, draw_request, finish_batch
 from dscl.data.named_views import (
     MOCO_VIEW,
     SIMCLR_VIEW,
@@ -167,12 +167,17 @@ def _jpegs(tmp_path, png: bool = False):
 
 
 def test_file_paths_draw_what_the_per_sample_path_draws(tmp_path):
-    """draw_named_one (workers) = draw_named(n=1), view after view, bit for bit."""
+    """draw_request (workers) = draw_named(n=1), view after view, bit for bit."""
+    cfg = ViewConfig(view_size=16)
+    specs = {"plain": PLAIN, "strong": RA, "moco": MOCO_VIEW}
+    request = ViewRequest.make((), specs)
     for seed in range(40):
         for height, width in ((40, 52), (5, 300), (224, 224)):
             g, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-            for spec in (PLAIN, RA, MOCO_VIEW):
-                mine = draw_named_one(spec, height, width, True, g)
+            draws, named = draw_request(height, width, cfg, request, g)
+            assert draws is None
+            for name, spec in specs.items():
+                mine = named[name]
                 ref = draw_named(spec, 1, height, width, True, g2)
                 assert torch.equal(torch.tensor([mine["box"]], dtype=torch.float32), ref.boxes)
                 assert mine["flip"] == bool(ref.flips[0])

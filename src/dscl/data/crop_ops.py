@@ -88,7 +88,27 @@ def draw_boxes(
     generator: torch.Generator | None,
     device: torch.device,
 ) -> Tensor:
-    """Random-resized-crop boxes, vectorised over ``n`` draws.
+    """Random-resized-crop boxes, vectorised over ``n`` draws: ``boxes_of`` the ``n`` rows of
+    ``box_uniforms``.
+
+    Returns:
+        (n, 4) float32 integer-valued boxes (x1, y1, x2, y2) inside the height×width frame.
+    """
+    return boxes_of(box_uniforms(n, generator, device), height, width, scale, ratio)
+
+
+def box_uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """The uniforms of ``n`` box draws: (n, 2A + 2) for A = ``CROP_ATTEMPTS`` (A area fractions,
+    A log aspects, then x1 and y1), float64 on ``device`` (float32 on MPS, which has no
+    float64)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    return torch.rand(n, 2 * CROP_ATTEMPTS + 2, generator=generator, device=device, dtype=dtype)
+
+
+def boxes_of(
+    u: Tensor, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Tensor:
+    """The boxes of the uniforms ``u`` of ``box_uniforms`` in a height×width frame.
 
     Each draw tries ``CROP_ATTEMPTS`` (area fraction ~ U(scale), log aspect ~ U(log ratio)) pairs,
     rounds w = √(area·aspect), h = √(area/aspect) to integers and keeps the first that fits; if none
@@ -99,8 +119,6 @@ def draw_boxes(
     """
     # n draws, A attempts
     tries = CROP_ATTEMPTS
-    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    u = torch.rand(n, 2 * tries + 2, generator=generator, device=device, dtype=dtype)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :tries])  # (n, A)
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_low + (log_high - log_low) * u[:, tries : 2 * tries])  # (n, A)

@@ -25,17 +25,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from dscl.data.crop_ops import CROP_RATIO, crop_resize, normalise, resample_boxes
+from dscl.data.crop_ops import crop_resize, normalise, resample_boxes
 from dscl.data.decode import decode_rgb, jpeg_decoder, jpeg_header, read_bytes
+from dscl.data.draws import STANDARD, classifier_plan, draw_image
 from dscl.data.fileviews import (
     CLASSIFY,
     VIEWS,
     Draws,
     FileCrops,
-    _aspects,
-    _boxes,
-    _rand_boxes,
-    _rand_flips,
     assemble_crops,
     draw_request,
     finish_crops,
@@ -74,10 +71,9 @@ class JpegBytes(Dataset):
                 header.height, header.width, crops.cfg, crops.request, g
             )
         else:
-            u = _rand_boxes(g, 1).tolist()
-            aspects = _aspects([(u, CROP_RATIO)])[0]
-            box = _boxes(u, aspects, header.height, header.width, crops.scale, CROP_RATIO)[0]
-            out["box"], out["flip"] = box, _rand_flips(g, 1)[0]
+            plan = classifier_plan(crops.scale)
+            drawn = draw_image(plan, header.height, header.width, g)[STANDARD]
+            out["box"], out["flip"] = drawn["box"], drawn["flip"]
         return out, label
 
 
@@ -252,8 +248,9 @@ def _split(draws: dict) -> tuple[dict, dict]:
 
 
 def _named(lists: dict, tensors: dict, j: int) -> dict[str, dict]:
-    """JPEG item j's named-view draws as ``draw_named_one`` gives them (the box as a list), from
-    the batch's (``_split``): its colour (1, 12) and seed (1,) rows of ``tensors``."""
+    """JPEG item j's named-view draws as ``fileviews.draw_request`` gives them (the box as a
+    list), from the batch's (``_split``): its colour (1, 12) and seed (1,) rows of
+    ``tensors``."""
     return {
         name: {"box": lists[name]["box"][j], "flip": lists[name]["flip"][j], **_row(rows, j)}
         for name, rows in tensors.items()

@@ -5,10 +5,10 @@ workers) does everything in float for one image at a time. Here the work is spli
 
 - **Workers** (``FileCrops``, items ``(seed, index)`` as ``engine.feed.PositionSeeded``'s): decode
   the file once (``dscl.data.decode``), draw every random parameter from a generator seeded with
-  the item's seed, in the order and with the formulas of ``views.draw_view_params`` (so the same
-  boxes, flips and colour parameters as the per-sample path for the same position), and crop and
-  resize the query, key and patches (or stage 2's one view) to their sizes as **uint8** tensors
-  (torch's uint8 antialiased bilinear kernel: the filter of ``crop_ops``, rounded to integers).
+  the item's seed by the plan of every path (``draws.draw_image``: the same boxes, flips and
+  colour parameters as the per-sample path for the same position), and crop and resize the
+  query, key and patches (or stage 2's one view) to their sizes as **uint8** tensors (torch's
+  uint8 antialiased bilinear kernel: the filter of ``crop_ops``, rounded to integers).
   The colour parameters travel as their raw uniforms.
 - **The main process** (``finish_batch``) moves the uint8 batch to the training device and runs
   the batched colour ops of the in-memory path (``views.finish_views``: jitter, grayscale, blur,
@@ -21,7 +21,6 @@ before the colour ops.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,18 +29,23 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dscl.data.classifier_views import _classifier_scale, _default_resize_ratio, centre_geometry
-from dscl.data.color_ops import ColorParams, color_params
-from dscl.data.crop_ops import CROP_ATTEMPTS, CROP_RATIO, P_FLIP, normalise
+from dscl.data.color_ops import ColorParams
+from dscl.data.crop_ops import normalise
 from dscl.data.decode import decode_rgb
+from dscl.data.draws import (
+    COLOR,
+    STANDARD,
+    classifier_plan,
+    colors_of,
+    draw_image,
+    request_plan,
+    view_plan,
+)
 from dscl.data.imagesets import ImageFileDataset
-from dscl.data.named_views import SEED_LIMIT, ViewSpec, finish_named
+from dscl.data.named_views import finish_named
 from dscl.data.views import (
     ALL_VIEWS,
     CLASSIFY,
-    P_BLUR,
-    P_GRAY,
-    P_JITTER,
-    QUERY_HUE,
     VIEWS,
     ViewConfig,
     ViewRequest,
@@ -50,94 +54,6 @@ from dscl.data.views import (
 )
 
 COLOR_COLUMNS = 12  # draw_color's uniforms: u (8) then v (4)
-
-
-# ------------------------------------------------------------------ parameters, as drawn per image
-
-
-def boxes_from_uniforms(
-    u: Tensor, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> list[tuple[int, int, int, int]]:
-    """``crop_ops.draw_boxes`` for a float64 CPU ``u`` of its (n, 2A + 2) uniforms, as integers.
-
-    The same arithmetic in the same order in Python floats (IEEE double, as torch's float64 CPU
-    ops; ``round`` is half-to-even like ``torch.round``), except the exponential, which is
-    torch's (``math.exp`` differs from it in the last bit now and then), so the boxes are equal to
-    ``draw_boxes``' bit for bit at a fraction of its cost for one image (it runs some 35 tensor
-    ops).
-    """
-    rows = u.tolist()
-    return _boxes(rows, _aspects([(rows, ratio)])[0], height, width, scale, ratio)
-
-
-def _aspects(
-    groups: list[tuple[list[list[float]], tuple[float, float]]],
-) -> list[list[list[float]]]:
-    """The attempts' aspect ratios exp(log r0 + (log r1 - log r0) · u) of every row of every
-    (rows, ratio) group, in one ``torch.exp`` call: torch's float64 exponential gives every
-    element the same value whatever the tensor it is part of (vectorised, tails included)."""
-    tries = CROP_ATTEMPTS
-    args, shape = [], []
-    for rows, ratio in groups:
-        log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-        span = log_high - log_low
-        for row in rows:
-            args.extend(log_low + span * value for value in row[tries : 2 * tries])
-        shape.append(len(rows))
-    flat = torch.exp(torch.tensor(args, dtype=torch.float64)).tolist()
-    out, at = [], 0
-    for count in shape:
-        out.append([flat[at + tries * r : at + tries * (r + 1)] for r in range(count)])
-        at += tries * count
-    return out
-
-
-def _boxes(
-    rows: list[list[float]],
-    aspects: list[list[float]],
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-) -> list[tuple[int, int, int, int]]:
-    """draw_boxes' rule for rows of uniforms and their attempts' aspect ratios."""
-    tries = CROP_ATTEMPTS
-    if width / height < ratio[0]:  # central fallback: whole frame, aspect clamped into ratio
-        fallback = (width, round(width / ratio[0]))
-    elif width / height > ratio[1]:
-        fallback = (round(height * ratio[1]), height)
-    else:
-        fallback = (width, height)
-    frame, low, span = height * width, scale[0], scale[1] - scale[0]
-    boxes = []
-    for row, aspect in zip(rows, aspects, strict=True):
-        for k in range(tries):
-            area = frame * (low + span * row[k])
-            w = round(math.sqrt(area * aspect[k]))
-            h = round(math.sqrt(area / aspect[k]))
-            if 1 <= w <= width and 1 <= h <= height:
-                x1 = min(math.floor(row[-2] * (width - w + 1)), width - w)
-                y1 = min(math.floor(row[-1] * (height - h + 1)), height - h)
-                break
-        else:
-            w, h = fallback
-            x1, y1 = (width - w) // 2, (height - h) // 2
-        boxes.append((x1, y1, x1 + w, y1 + h))
-    return boxes
-
-
-def _rand_boxes(g: torch.Generator, n: int) -> Tensor:
-    return torch.rand(n, 2 * CROP_ATTEMPTS + 2, generator=g, dtype=torch.float64)
-
-
-def _rand_flips(g: torch.Generator, n: int) -> list[bool]:
-    return (torch.rand(n, generator=g) < P_FLIP).tolist()
-
-
-def _rand_color(g: torch.Generator, n: int) -> Tensor:
-    u = torch.rand(n, 8, generator=g)
-    v = torch.rand(n, 4, generator=g)
-    return torch.cat([u, v], dim=1)  # (n, 12)
 
 
 # ------------------------------------------------------------------------------ uint8 crops
@@ -192,46 +108,19 @@ class Draws:
         return out
 
 
-def draw_views(height: int, width: int, cfg: ViewConfig, g: torch.Generator) -> Draws:
-    """The stage-1 parameters of a height×width image, in the order of
-    ``draw_view_params(cfg, 1, height, width, g)``: query box and flip, patch boxes and flips,
-    key box and flip, then (colour on) the colour uniforms of the query, the patches and the
-    key."""
-    size, num_patches = cfg.view_size, cfg.num_patches
-    query_u, query_flip = _rand_boxes(g, 1).tolist(), _rand_flips(g, 1)[0]
-    patch_u, patch_flips = _rand_boxes(g, num_patches).tolist(), _rand_flips(g, num_patches)
-    key_u, key_flip = _rand_boxes(g, 1).tolist(), _rand_flips(g, 1)[0]
-    query_a, patch_a, key_a = _aspects(
-        [(query_u, cfg.crop_ratio), (patch_u, cfg.patch_ratio), (key_u, cfg.crop_ratio)]
-    )
-    color = None
-    if cfg.color_augment:
-        color = torch.cat([_rand_color(g, 1), _rand_color(g, num_patches), _rand_color(g, 1)])
+def view_draws(drawn: dict, cfg: ViewConfig) -> Draws:
+    """One image's standard-view parameters from ``draws.draw_image``'s values of its
+    ``view_plan(cfg)``, the uniforms of the plan's colour steps stacked in plan order."""
+    colors = [drawn[draw.name] for draw in view_plan(cfg) if draw.kind == COLOR]
     return Draws(
-        _boxes(query_u, query_a, height, width, cfg.crop_scale, cfg.crop_ratio)[0],
-        query_flip,
-        _boxes(patch_u, patch_a, size, size, cfg.patch_scale, cfg.patch_ratio),
-        patch_flips,
-        _boxes(key_u, key_a, height, width, cfg.crop_scale, cfg.crop_ratio)[0],
-        key_flip,
-        color,
+        drawn["query_box"],
+        drawn["query_flip"],
+        drawn["patch_boxes"],
+        drawn["patch_flips"],
+        drawn["key_box"],
+        drawn["key_flip"],
+        torch.cat(colors) if colors else None,
     )
-
-
-def draw_named_one(
-    spec: ViewSpec, height: int, width: int, color_augment: bool, g: torch.Generator
-) -> dict:
-    """The parameters of one image's named view ``spec``, in the order and with the formulas of
-    ``named_views.draw_named(spec, 1, ...)``: ``box`` (4 ints), ``flip``, and where drawn
-    ``color`` (1, 12) uniforms and ``seed`` (1,) int64 (RandAugment)."""
-    u = _rand_boxes(g, 1)
-    out: dict = {"box": boxes_from_uniforms(u, height, width, spec.crop_scale, spec.crop_ratio)[0]}
-    out["flip"] = _rand_flips(g, 1)[0]
-    if color_augment:
-        out["color"] = _rand_color(g, 1)
-    if spec.randaugment is not None:
-        out["seed"] = torch.randint(0, SEED_LIMIT, (1,), generator=g)
-    return out
 
 
 def named_tensors(draw: dict) -> dict[str, Tensor]:
@@ -247,15 +136,13 @@ def named_tensors(draw: dict) -> dict[str, Tensor]:
 def draw_request(
     height: int, width: int, cfg: ViewConfig, request: ViewRequest, g: torch.Generator
 ) -> tuple[Draws | None, dict[str, dict]]:
-    """Every parameter of one image's stage-1 views as ``request`` needs them, in the per-sample
-    path's order: the standard views' (``draw_views``) if any is read, then each named view's
-    (``draw_named_one``)."""
-    draws = draw_views(height, width, cfg, g) if request.standard else None
-    named = {
-        name: draw_named_one(spec, height, width, cfg.color_augment, g)
-        for name, spec in request.extra
-    }
-    return draws, named
+    """Every parameter of one image's stage-1 views as ``request`` needs them: its plan
+    (``draws.request_plan``) run for one image. Returns the standard views' ``Draws`` (None when
+    the request reads none) and for each named view its ``box`` (4 ints), ``flip`` and where
+    drawn ``color`` (1, 12) uniforms and ``seed`` (1,) int64."""
+    drawn = draw_image(request_plan(cfg, request), height, width, g)
+    draws = view_draws(drawn[STANDARD], cfg) if request.standard else None
+    return draws, {name: drawn[name] for name, _ in request.extra}
 
 
 def assemble_crops(
@@ -328,10 +215,9 @@ def classifier_crop(
     image: Tensor, view_size: int, scale: tuple[float, float], g: torch.Generator
 ) -> Tensor:
     """Stage 2's training view of (H, W, 3) uint8 ``image`` as (S, S, 3) uint8: the draws of
-    ``ClassifierTrainTransform`` (a box, then a flip)."""
-    height, width = image.shape[:2]
-    box = boxes_from_uniforms(_rand_boxes(g, 1), height, width, scale, CROP_RATIO)[0]
-    return crop_u8(image, box, view_size, _rand_flips(g, 1)[0])
+    ``draws.classifier_plan`` (a box, then a flip), as ``ClassifierTrainTransform`` draws them."""
+    drawn = draw_image(classifier_plan(scale), image.shape[0], image.shape[1], g)[STANDARD]
+    return crop_u8(image, drawn["box"], view_size, drawn["flip"])
 
 
 class FileCrops(Dataset):
@@ -413,17 +299,17 @@ class EvalCrops(Dataset):
 # ------------------------------------------------------------------------ the main process's part
 
 
-def batch_colors(color: Tensor, num_patches: int) -> tuple[ColorParams, ColorParams, ColorParams]:
-    """Colour parameters of a batch from its stacked uniforms (B, 2 + L, 12): query, patches
-    (B·L, image-major as ``finish_views`` flattens them) and key."""
+def batch_colors(color: Tensor, cfg: ViewConfig) -> tuple[ColorParams, ...]:
+    """Colour parameters of a batch from its stacked uniforms (B, 2 + L, 12), the columns of
+    ``view_plan``'s colour steps side by side: query, patches (B·L, image-major as
+    ``finish_views`` flattens them) and key."""
     # B batch, L patches
-    query, patches, key = color[:, 0], color[:, 1 : 1 + num_patches], color[:, 1 + num_patches]
-    patches = patches.reshape(-1, COLOR_COLUMNS)  # (B·L, 12)
-    return (
-        color_params(query[:, :8], query[:, 8:], QUERY_HUE, P_JITTER, P_GRAY, P_BLUR),
-        color_params(patches[:, :8], patches[:, 8:], QUERY_HUE, P_JITTER, P_GRAY, P_BLUR),
-        color_params(key[:, :8], key[:, 8:], 0.0, 1.0, 0.0, 0.0),  # key: jitter always, no hue
-    )
+    out, at = [], 0
+    for draw in view_plan(cfg):
+        if draw.kind == COLOR:
+            out.append(colors_of(draw, color[:, at : at + draw.per_image]))
+            at += draw.per_image
+    return tuple(out)
 
 
 def normalised_planes(crops: Tensor, device: torch.device, mean, std) -> Tensor:
@@ -455,7 +341,7 @@ def finish_crops(moved: dict, cfg: ViewConfig, request: ViewRequest) -> dict[str
     if request.standard:
         colors = (None, None, None)
         if "color" in moved:
-            colors = batch_colors(moved["color"], cfg.num_patches)
+            colors = batch_colors(moved["color"], cfg)
         out = finish_views(
             planes(moved.get("query")),
             planes(moved.get("key")),

@@ -5,10 +5,11 @@ that needs other views (BCL's RandAugment view for its classifier, PaCo's RandAu
 declares them as ``{name: ViewSpec}`` and finds each under its name in ``batch.inputs``. Every
 path of the feed makes them the same way:
 
-1. **Draw** (``draw_named``): after the standard views' parameters, for each named view in the
-   order the method declares them: the crop boxes, the flips, the colour uniforms (when colour
-   augmentation is on) and one RandAugment seed per image (when the view has RandAugment), all
-   from the feed's generator, so a resumed epoch gets the same views.
+1. **Draw** (``dscl.data.draws``, the plan every path runs): after the standard views'
+   parameters, for each named view in the order the method declares them: the crop boxes, the
+   flips, the colour uniforms (when colour augmentation is on) and one RandAugment seed per image
+   (when the view has RandAugment), all from the feed's generator, so a resumed epoch gets the
+   same views.
 2. **Crop** from the source image (random resized crop + flip): batched on the device for
    in-memory data (``crop_ops.resample_boxes``), per image in the workers otherwise
    (``crop_ops.crop_resize``, or uint8 crops on the fast file path).
@@ -29,10 +30,9 @@ import torch
 from torch import Tensor
 
 from dscl.data.color_ops import ColorParams, apply_color, blur_kernel_size, color_params
-from dscl.data.crop_ops import CROP_RATIO, check_interval, draw_boxes, draw_flips, normalise
+from dscl.data.crop_ops import CROP_RATIO, check_interval, normalise
+from dscl.data.draws import draw_batch, named_plan
 from dscl.data.randaugment import randaugment
-
-SEED_LIMIT = 2**62  # RandAugment seeds are drawn uniformly in [0, SEED_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -126,22 +126,16 @@ def draw_named(
     color_augment: bool,
     generator: torch.Generator | None,
 ) -> NamedParams:
-    """Every random parameter of view ``spec`` for ``n`` images of height×width, in this order:
-    boxes (``crop_ops.draw_boxes``), flips, colour uniforms (if ``color_augment``), RandAugment
-    seeds (if the view has RandAugment); on the generator's device (torch's global CPU RNG when
-    None)."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    boxes = draw_boxes(n, height, width, spec.crop_scale, spec.crop_ratio, generator, device)
-    flips = draw_flips(n, generator, device)
-    color = None
-    if color_augment:
-        u = torch.rand(n, 8, generator=generator, device=device)
-        v = torch.rand(n, 4, generator=generator, device=device)
-        color = torch.cat([u, v], dim=1)
-    seeds = None
-    if spec.randaugment is not None:
-        seeds = torch.randint(0, SEED_LIMIT, (n,), generator=generator, device=device)
-    return NamedParams(boxes, flips, color, seeds)
+    """Every random parameter of view ``spec`` for ``n`` images of height×width: its plan
+    (``draws.named_plan``: boxes, flips, colour uniforms if ``color_augment``, RandAugment seeds
+    if the view has RandAugment) on the generator's device (torch's global CPU RNG when None)."""
+    plan = named_plan("view", spec, color_augment)
+    return named_params(draw_batch(plan, n, height, width, generator)["view"])
+
+
+def named_params(drawn: dict[str, Tensor]) -> NamedParams:
+    """A named view's ``NamedParams`` from ``draws.draw_batch``'s values of its plan."""
+    return NamedParams(drawn["box"], drawn["flip"], drawn.get("color"), drawn.get("seed"))
 
 
 def named_colors(spec: ViewSpec, color: Tensor) -> ColorParams:

@@ -7,10 +7,11 @@ Conventions shared by every function here:
   convention), and a crop is resized exactly as ``F.interpolate(crop, mode="bilinear",
   antialias=True)``, per crop on the per-sample path and as batched row and column matrices
   (which also flip) on the batched path.
-- **Randomness.** Both paths draw every parameter with ``draw_view_params`` on the generator's
-  device (CPU and torch's global RNG when no generator is given, so DataLoader worker seeding
-  makes the per-sample path reproducible). The per-sample result for an image therefore equals
-  the batched result for a batch of that one image under the same seed, up to float rounding.
+- **Randomness.** Both paths draw every parameter by the plan of ``dscl.data.draws``
+  (``draw_params``) on the generator's device (CPU and torch's global RNG when no generator is
+  given, so DataLoader worker seeding makes the per-sample path reproducible). The per-sample
+  result for an image therefore equals the batched result for a batch of that one image under
+  the same seed, up to float rounding.
 - **Colour.** Colour ops (``dscl.data.color_ops``) act on float images in [0, 1] with per-image
   factors (torchvision's formulas): jitter in a random order per image, then grayscale, then
   Gaussian blur; normalisation comes last. Blur uses a kernel of about 10% of the image side (odd,
@@ -40,7 +41,7 @@ from dscl.data.classifier_views import (
     classifier_train_transform,
     eval_transform,
 )
-from dscl.data.color_ops import ColorParams, apply_color, blur_kernel_size, draw_color
+from dscl.data.color_ops import ColorParams, apply_color, blur_kernel_size
 from dscl.data.crop_ops import (
     CROP_RATIO,
     IMAGENET_MEAN,
@@ -50,13 +51,12 @@ from dscl.data.crop_ops import (
     check_interval,
     check_stats,
     crop_resize,
-    draw_boxes,
-    draw_flips,
     image_tensor,
     normalise,
     resample_boxes,
 )
-from dscl.data.named_views import NamedParams, ViewSpec, check_names, draw_named, finish_named
+from dscl.data.draws import COLOR, STANDARD, colors_of, draw_batch, request_plan, view_plan
+from dscl.data.named_views import NamedParams, ViewSpec, check_names, finish_named, named_params
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -72,8 +72,6 @@ __all__ = [
     "classifier_train_transform",
     "eval_transform",
 ]
-
-QUERY_HUE, P_JITTER, P_GRAY, P_BLUR = 0.1, 0.8, 0.2, 0.5  # query and patches (key: hue 0, p 1)
 
 
 @dataclass(frozen=True)
@@ -248,10 +246,8 @@ def to_device(value, device: torch.device, non_blocking: bool = False):
 def draw_view_params(
     cfg: ViewConfig, n: int, height: int, width: int, generator: torch.Generator | None
 ) -> ViewParams:
-    """All random parameters of the views of ``n`` images of height×width.
-
-    Both view paths draw through this function, in this order, so the per-sample and batched
-    paths see the same numbers under the same generator state.
+    """All random parameters of the standard views of ``n`` images of height×width: their plan
+    (``draws.view_plan``) run for the batch.
 
     Args:
         cfg: view settings.
@@ -263,26 +259,37 @@ def draw_view_params(
         ``ViewParams`` with query/key boxes (N, 4) and flips (N,), patch boxes (N, L, 4) in the
         flipped S×S query frame and flips (N, L), and colour parameters for N, N·L and N images.
     """
-    device = generator.device if generator is not None else torch.device("cpu")
-    size, num_patches = cfg.view_size, cfg.num_patches
-    query_boxes = draw_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
-    query_flips = draw_flips(n, generator, device)
-    patch_boxes = draw_boxes(
-        n * num_patches, size, size, cfg.patch_scale, cfg.patch_ratio, generator, device
-    ).view(n, num_patches, 4)
-    patch_flips = draw_flips(n * num_patches, generator, device).view(n, num_patches)
-    key_boxes = draw_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
-    key_flips = draw_flips(n, generator, device)
-    colors: list[ColorParams | None] = [None, None, None]
-    if cfg.color_augment:
-        colors = [
-            draw_color(n, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, generator, device),
-            draw_color(n * num_patches, QUERY_HUE, P_JITTER, P_GRAY, P_BLUR, generator, device),
-            draw_color(n, 0.0, 1.0, 0.0, 0.0, generator, device),  # key: jitter always, no hue
-        ]
+    return view_params(draw_batch(view_plan(cfg), n, height, width, generator)[STANDARD], cfg)
+
+
+def view_params(drawn: dict[str, Tensor], cfg: ViewConfig) -> ViewParams:
+    """``ViewParams`` from ``draws.draw_batch``'s values of ``view_plan(cfg)``."""
+    colors = [colors_of(draw, drawn[draw.name]) for draw in view_plan(cfg) if draw.kind == COLOR]
     return ViewParams(
-        query_boxes, query_flips, patch_boxes, patch_flips, key_boxes, key_flips, *colors
+        drawn["query_box"],
+        drawn["query_flip"],
+        drawn["patch_boxes"],
+        drawn["patch_flips"],
+        drawn["key_box"],
+        drawn["key_flip"],
+        *(colors or (None, None, None)),
     )
+
+
+def draw_params(
+    cfg: ViewConfig,
+    request: ViewRequest,
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None,
+) -> tuple[ViewParams | None, dict[str, NamedParams]]:
+    """Every random parameter of ``request``'s views of ``n`` images of height×width: its plan
+    (``draws.request_plan``) run for the batch. Returns the standard views' ``ViewParams`` (None
+    when the request reads none) and each named view's ``NamedParams``, by name."""
+    drawn = draw_batch(request_plan(cfg, request), n, height, width, generator)
+    params = view_params(drawn[STANDARD], cfg) if request.standard else None
+    return params, {name: named_params(drawn[name]) for name, _ in request.extra}
 
 
 # ------------------------------------------------------------- colour + normalisation (both paths)
@@ -391,8 +398,8 @@ class MultiViewTransform:
         image = image_tensor(img)  # (3, H, W)
         height, width = image.shape[1], image.shape[2]
         out: dict[str, Tensor] = {}
-        if request.standard:
-            params = draw_view_params(cfg, 1, height, width, generator)
+        params, named = draw_params(cfg, request, 1, height, width, generator)
+        if params is not None:
             params = to_device(params, image.device)
             query = key = stacked = None
             if request.query:
@@ -414,11 +421,10 @@ class MultiViewTransform:
                 cfg,
             )
         for name, spec in request.extra:
-            named = draw_named(spec, 1, height, width, cfg.color_augment, generator)
-            named = named.to(image.device)
-            crop = crop_resize(image, named.boxes[0], spec.side(size), bool(named.flips[0]))
+            mine = named[name].to(image.device)
+            crop = crop_resize(image, mine.boxes[0], spec.side(size), bool(mine.flips[0]))
             out[name] = finish_named(
-                crop[None], spec, named.color, named.seeds, cfg.blur_min_size, cfg.mean, cfg.std
+                crop[None], spec, mine.color, mine.seeds, cfg.blur_min_size, cfg.mean, cfg.std
             )
         return {name: value[0] for name, value in out.items()}
 
@@ -449,8 +455,8 @@ class BatchedMultiView:
         cfg, request = self.cfg, self.request
         x = check_batch(images)  # (B, 3, H, W) in [0, 1]
         out: dict[str, Tensor] = {}
-        if request.standard:
-            params = draw_view_params(cfg, x.shape[0], x.shape[2], x.shape[3], generator)
+        params, named = draw_params(cfg, request, x.shape[0], x.shape[2], x.shape[3], generator)
+        if params is not None:
             params = to_device(params, x.device)
             query = patches = key = None
             if request.query:
@@ -467,19 +473,18 @@ class BatchedMultiView:
                 )[:, 0]  # (B, 3, S, S)
             query = query if "query" in request.standard else None
             out = _finish(query, key, patches, params, cfg)
-        out.update(batched_named(x, request, cfg, generator))
+        out.update(batched_named(x, request, cfg, named))
         return out
 
 
 def batched_named(
-    x: Tensor, request: ViewRequest, cfg: ViewConfig, generator: torch.Generator | None
+    x: Tensor, request: ViewRequest, cfg: ViewConfig, named: dict[str, NamedParams]
 ) -> dict[str, Tensor]:
-    """The request's own views of a batch (B, 3, H, W) in [0, 1], each (B, 3, S', S')."""
+    """The request's own views of a batch (B, 3, H, W) in [0, 1], each (B, 3, S', S'), with
+    their drawn parameters ``named`` (``draw_params``)."""
     out = {}
     for name, spec in request.extra:
-        params: NamedParams = draw_named(
-            spec, x.shape[0], x.shape[2], x.shape[3], cfg.color_augment, generator
-        ).to(x.device)
+        params = named[name].to(x.device)
         crops = resample_boxes(
             x, params.boxes[:, None], params.flips[:, None], spec.side(cfg.view_size)
         )[:, 0]
