@@ -34,6 +34,25 @@ def _raiser(exc: BaseException):
 # --- user errors against bugs -------------------------------------------------------------
 
 
+def test_a_folder_holding_a_run_is_not_replaced_without_overwrite(tmp_path):
+    """Any checkpoint (a previous copy included) or a metrics.json is a run to keep:
+    ``pretrain`` and ``run`` refuse the folder unless told to continue or replace it."""
+    from dscl.errors import RunFolderError
+
+    for name in ("pretrain.pt", "pretrain.prev.pt", "last.pt", "best.pt", "metrics.json"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_bytes(b"")
+        with pytest.raises(RunFolderError, match="--overwrite to replace it"):
+            cli.prepare_run_dir(folder, overwrite=False, resume=False)
+        cli.prepare_run_dir(folder, overwrite=False, resume=True)
+        assert (folder / name).exists()
+    started = tmp_path / "started"  # a config and a log, nothing saved: started again
+    started.mkdir()
+    (started / "config.yaml").write_text("seed: 0\n")
+    cli.prepare_run_dir(started, overwrite=False, resume=False)
+
+
 def test_config_error_is_one_line_and_exit_2(capsys):
     assert cli.main(["config", "pretrain.epochs=three"]) == 2
     captured = capsys.readouterr()

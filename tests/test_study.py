@@ -44,7 +44,7 @@ from dscl.study import (
     t_interval,
     write_results,
 )
-from dscl.study.runner import RESULT_FILES
+from dscl.study.cells import RESULT_FILES
 from dscl.study.stats import regularized_incomplete_beta, sample_std
 
 # synthetic_lt with 40..4 images per class, 16 px: one cell takes a few seconds (as test_cli.py)
@@ -523,6 +523,24 @@ def test_cell_command_resumes_automatically_whatever_the_folder(tmp_path: Path):
     assert cell_state(study, cell) == "interrupted"
 
 
+def test_a_cell_left_with_the_previous_checkpoint_alone_is_interrupted(tmp_path: Path):
+    """A cell killed while its stage-1 checkpoint was replaced (where hard links are not
+    supported) holds pretrain.prev.pt alone; ``--resume auto`` continues from it, so the study
+    counts the cell interrupted and refuses it under a changed config, as with pretrain.pt."""
+    study = load_study(write_study(tmp_path, axes={"method": ["ce"]}))
+    cell = study.cells[0]
+    folder = study.study_dir / cell.name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config_to_yaml(cell.config))
+    (folder / "pretrain.prev.pt").write_bytes(b"")
+    assert cell_state(study, cell) == "interrupted"
+    saved = yaml.safe_load(config_to_yaml(cell.config))
+    saved["seed"] += 1
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="was interrupted with seed="):
+        cell_state(study, cell)
+
+
 def test_failed_cell_stops_with_its_log(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     overrides = {"data.name": "image_folder", "data.root": str(tmp_path / "nowhere")}
@@ -958,6 +976,8 @@ def test_a_claim_whose_process_is_gone_is_taken_over(tmp_path: Path, capsys):
 
 
 def test_study_files_go_through_the_one_atomic_writer(tmp_path: Path, monkeypatch):
+    import dscl.study.cells as cells_module
+    import dscl.study.claims as claims_module
     import dscl.study.results as results_module
     import dscl.study.runner as runner_module
 
@@ -968,8 +988,8 @@ def test_study_files_go_through_the_one_atomic_writer(tmp_path: Path, monkeypatc
         written.append(Path(path).name)
         return real(path, content, **kwargs)
 
-    monkeypatch.setattr(runner_module, "atomic_write", recording)
-    monkeypatch.setattr(results_module, "atomic_write", recording)
+    for module in (cells_module, claims_module, results_module, runner_module):
+        monkeypatch.setattr(module, "atomic_write", recording)
     path = write_study(tmp_path, axes={"method": ["ce"]})
     study = load_study(path)
     fabricate(study, study.cells[0], 50.0)
@@ -1016,7 +1036,7 @@ def test_progress_line_says_what_its_estimate_covers():
     import io
     from types import SimpleNamespace
 
-    from dscl.study.runner import Progress
+    from dscl.study.progress import Progress
 
     out = io.StringIO()
     progress = Progress(total=5, done=0, label="s", stream=out)

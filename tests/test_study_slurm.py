@@ -372,7 +372,7 @@ def test_status_table_of_a_study_never_submitted(tmp_path: Path, capsys):
 def test_without_slurm_here_a_jobs_claim_is_respected(tmp_path: Path, monkeypatch, capsys):
     """Where SLURM's commands are not installed nothing can tell whether a claim's job still
     exists: the claim is respected (as a claim of another host is), never taken over."""
-    from dscl.study.runner import Claims
+    from dscl.study.claims import Claims
 
     monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
     path = study_file(tmp_path, "s", {"method": ["ce"]})

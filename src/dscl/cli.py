@@ -192,13 +192,11 @@ def resolve_config(args: argparse.Namespace, *, prefer_run_config: bool = False)
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     """Check the run folder before any work: writable, and not a finished run to clobber."""
-    finished = (run_dir / runfiles.METRICS).is_file() or (run_dir / runfiles.BEST).is_file()
-    if run_dir.exists() and not (overwrite or resume):
-        if finished or (run_dir / runfiles.PRETRAIN).is_file():
-            raise RunFolderError(
-                f"{run_dir}: already holds a run; use --overwrite to replace it, --resume to "
-                "continue it, or --name for a new one"
-            )
+    if not (overwrite or resume) and runfiles.run_state(run_dir).holds_run:
+        raise RunFolderError(
+            f"{run_dir}: already holds a run; use --overwrite to replace it, --resume to "
+            "continue it, or --name for a new one"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"  # one per process under torchrun
@@ -285,50 +283,41 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
     ``cfg`` on the settings its state depends on. A newest checkpoint that cannot be read is
     reported and the previous one (``*.prev.pt``) used.
     """
-    from dscl.checkpoint import (
-        STAGE2_KEYS,
-        config_values,
-        previous_path,
-        read_checkpoint,
-        read_stage1,
-    )
+    from dscl.checkpoint import STAGE2_KEYS, config_values, read_checkpoint, read_stage1
     from dscl.config import config_to_dict, first_difference, load_yaml
 
     plan = ResumePlan()
     if mode is None:
         return plan
-    saved_cfg = run_dir / runfiles.CONFIG
-    if mode == "auto" and saved_cfg.is_file():
-        difference = first_difference(load_yaml(saved_cfg), config_to_dict(cfg))
+    state = runfiles.run_state(run_dir)
+    if mode == "auto" and state.has(runfiles.CONFIG):
+        # read strictly: a broken config.yaml is reported, not taken for a missing one
+        difference = first_difference(load_yaml(run_dir / runfiles.CONFIG), config_to_dict(cfg))
         if difference:
             raise RunFolderError(
                 f"{run_dir}: holds a run of another config ({difference}); use --overwrite to "
                 "replace it or --name for a new run"
             )
-    pretrain_pt, last_pt = run_dir / runfiles.PRETRAIN, run_dir / runfiles.LAST
-    if stage1 and (pretrain_pt.is_file() or previous_path(pretrain_pt).is_file()):
-        state = read_stage1(pretrain_pt, cfg, resume=True)
-        if state.get("finished"):
-            plan.stage1_done = state
+    # Whether a stage finished is written in its checkpoint alone: read the ones present.
+    if stage1 and state.stage1_checkpoint:
+        saved = read_stage1(run_dir / runfiles.PRETRAIN, cfg, resume=True)
+        if saved.get("finished"):
+            plan.stage1_done = saved
         else:
-            plan.stage1_state = state
-    if (
-        stage2
-        and plan.stage1_state is None
-        and (last_pt.is_file() or previous_path(last_pt).is_file())
-    ):
+            plan.stage1_state = saved
+    if stage2 and plan.stage1_state is None and state.stage2_checkpoint:
         expect = config_values(cfg, STAGE2_KEYS)
-        state = read_checkpoint(last_pt, ("classifier",), expect, fallback=True)
-        if state.get("finished"):
+        saved = read_checkpoint(run_dir / runfiles.LAST, ("classifier",), expect, fallback=True)
+        if saved.get("finished"):
             plan.stage2_done = True
-        elif "next_batch" in state:  # a training state (older last.pt files hold none)
-            plan.stage2_state = state
-    if stage2 and plan.stage1_done is not None and (run_dir / runfiles.BEST).is_file():
+        elif "next_batch" in saved:  # a training state (older last.pt files hold none)
+            plan.stage2_state = saved
+    if stage2 and plan.stage1_done is not None and state.has(runfiles.BEST):
         # classifier.mode=keep writes best.pt and no last.pt: best.pt is stage 2's end
         if cfg.stage2_mode() == "keep":
             plan.stage2_done = True
-    if stage2:
-        plan.finished = plan.stage2_done and (run_dir / runfiles.METRICS).is_file()
+    if stage2:  # metrics.json of any split: this command's evaluation is its last step
+        plan.finished = plan.stage2_done and state.has(runfiles.METRICS)
     else:
         plan.finished = plan.stage1_done is not None
     return plan

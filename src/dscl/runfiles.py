@@ -1,6 +1,7 @@
 """Run files, without torch: the names of the files in a run folder (``<output_dir>/<name>/``),
-the one atomic writer of the files written whole (checkpoints, configs, metrics, reports, study
-results; the training log is appended), and the commit a run is made from."""
+what a run folder holds and how far its run got (:func:`run_state`), the one atomic writer of
+the files written whole (checkpoints, configs, metrics, reports, study results; the training log
+is appended), and the commit a run is made from."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, BinaryIO
+
+import yaml
 
 PRETRAIN = "pretrain.pt"  # stage 1's checkpoint, written after every epoch
 LAST = "last.pt"  # stage 2's newest checkpoint
@@ -40,6 +44,111 @@ def previous_name(name: str) -> str:
 
 PRETRAIN_PREV = previous_name(PRETRAIN)
 LAST_PREV = previous_name(LAST)
+
+# How far a run got (:attr:`RunState.stage`), read from the files of its folder alone
+ABSENT = "absent"  # no run folder
+STARTED = "started"  # a folder without a checkpoint or test metrics
+STAGE1 = "stage1"  # stage 1's checkpoint is the newest: stage 1 interrupted or done
+STAGE2 = "stage2"  # a stage-2 checkpoint, no test metrics: stage 2 interrupted, or evaluation left
+FINISHED = "finished"  # metrics.json of the test split: the run's result
+STAGE1_CHECKPOINTS = (PRETRAIN, PRETRAIN_PREV)
+STAGE2_CHECKPOINTS = (LAST, LAST_PREV)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run folder holds, as :func:`run_state` found it.
+
+    Whether stage 1 (or stage 2) finished is written inside its checkpoint alone, so a folder
+    whose newest checkpoint is stage 1's is :data:`STAGE1` either way; ``dscl`` commands that need
+    to know read the checkpoint on top of this (``dscl.cli.plan_resume``).
+
+    The commands count a folder as done differently, each through one property here:
+    :attr:`finished` (``dscl study``: the test split's metrics.json) and :attr:`holds_run`
+    (``dscl pretrain`` and ``dscl run`` refuse to replace such a folder without ``--overwrite``
+    or ``--resume``: any checkpoint, or metrics.json of any split). ``--resume`` has nothing left
+    to do once the checkpoint says its stage finished and, for stage 2, a metrics.json of any
+    split is present (the command's own evaluation is its last step).
+    """
+
+    folder: Path
+    exists: bool
+    files: frozenset[str]  # which of the run files that tell the state are present
+
+    def has(self, name: str) -> bool:
+        """Whether the folder holds the file ``name`` (one of :func:`run_state`'s names)."""
+        return name in self.files
+
+    @property
+    def stage1_checkpoint(self) -> bool:
+        """Stage 1's checkpoint, or the previous copy of it, is present."""
+        return any(name in self.files for name in STAGE1_CHECKPOINTS)
+
+    @property
+    def stage2_checkpoint(self) -> bool:
+        """Stage 2's training checkpoint (``last.pt``), or the previous copy of it, is present."""
+        return any(name in self.files for name in STAGE2_CHECKPOINTS)
+
+    @property
+    def stage2_reached(self) -> bool:
+        """Stage 2 saved a checkpoint: ``last.pt`` (or its previous copy) or ``best.pt``
+        (``classifier.mode=keep`` writes ``best.pt`` alone)."""
+        return self.stage2_checkpoint or BEST in self.files
+
+    @property
+    def checkpointed(self) -> bool:
+        """Some checkpoint is present: a run to continue (or a finished one)."""
+        return self.stage1_checkpoint or self.stage2_reached
+
+    @functools.cached_property
+    def metrics(self) -> dict | None:
+        """``metrics.json`` when it reads as a JSON object, else None."""
+        return read_json(self.folder / METRICS) if METRICS in self.files else None
+
+    @functools.cached_property
+    def config(self) -> dict | None:
+        """``config.yaml`` when it reads as a YAML mapping, else None (no error: a caller that
+        must report a broken file reads it with ``dscl.config.load_yaml``)."""
+        if CONFIG not in self.files:
+            return None
+        try:
+            data = yaml.safe_load((self.folder / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @property
+    def finished(self) -> bool:
+        """The run's result is written: ``metrics.json`` of the test split (one without a
+        ``split`` field, as older runs wrote it, counts as the test split)."""
+        return self.metrics is not None and self.metrics.get("split", "test") == "test"
+
+    @property
+    def holds_run(self) -> bool:
+        """The folder holds something a new run would replace: a checkpoint, or ``metrics.json``
+        of any split."""
+        return self.checkpointed or METRICS in self.files
+
+    @property
+    def stage(self) -> str:
+        """How far the run got: :data:`ABSENT`, :data:`STARTED`, :data:`STAGE1`,
+        :data:`STAGE2` or :data:`FINISHED`."""
+        if not self.exists:
+            return ABSENT
+        if self.finished:
+            return FINISHED
+        if self.stage2_reached:
+            return STAGE2
+        return STAGE1 if self.stage1_checkpoint else STARTED
+
+
+def run_state(folder: str | Path) -> RunState:
+    """What the run folder ``folder`` holds and how far its run got, from its files alone (no
+    checkpoint is opened; ``metrics.json`` and ``config.yaml`` are read when asked for)."""
+    folder = Path(folder)
+    names = (*STAGE1_CHECKPOINTS, *STAGE2_CHECKPOINTS, BEST, METRICS, CONFIG)
+    present = frozenset(name for name in names if (folder / name).is_file())
+    return RunState(folder, folder.exists(), present)
 
 
 @functools.cache
@@ -135,3 +244,13 @@ def previous_path(path: str | Path) -> Path:
 def write_json(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically."""
     return atomic_write(path, json.dumps(payload, indent=1, default=str))
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable or holds no
+    object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

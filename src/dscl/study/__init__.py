@@ -28,13 +28,8 @@ from pathlib import Path
 
 from dscl import runfiles
 from dscl.errors import EXIT_INTERRUPTED, ConfigError, RunFolderError
-from dscl.study.launcher import KINDS, Launcher, launcher_for
-from dscl.study.results import aggregate, results_markdown, write_results
-from dscl.study.runner import (
+from dscl.study.cells import (
     FINISHED,
-    CellFailed,
-    Claims,
-    cell_command,
     cell_dir,
     cell_state,
     collect_cell,
@@ -43,11 +38,13 @@ from dscl.study.runner import (
     only_cells,
     parse_only,
     parse_shard,
-    run_cell,
-    run_cells,
     shard_cells,
     write_study_file,
 )
+from dscl.study.claims import Claims
+from dscl.study.launcher import KINDS, Launcher, launcher_for
+from dscl.study.results import aggregate, results_markdown, write_results
+from dscl.study.runner import CellFailed, cell_command, run_cell, run_cells
 from dscl.study.spec import Cell, Study, cell_name, load_study, safe_value, value_text
 from dscl.study.stats import sample_std, student_t_cdf, student_t_quantile, t_interval
 

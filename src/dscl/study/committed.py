@@ -1,6 +1,6 @@
 """What of a finished cell goes into the results folder (the one to commit), kept small.
 
-A cell's small files (:data:`dscl.study.runner.RESULT_FILES`) are copied as they are, except
+A cell's small files (:data:`dscl.study.cells.RESULT_FILES`) are copied as they are, except
 where the paper's scale would make them large:
 
 - ``metrics.json`` of more than :data:`INLINE_CONFUSION_CLASSES` classes keeps everything the

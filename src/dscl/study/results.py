@@ -17,13 +17,8 @@ from typing import Any
 from dscl import runfiles
 from dscl.errors import RunFolderError
 from dscl.runfiles import atomic_write
-from dscl.study.runner import (
-    FINISHED,
-    cell_command,
-    display_command,
-    finished_dir,
-    read_cell_record,
-)
+from dscl.study.cells import FINISHED, finished_dir, read_cell_record
+from dscl.study.runner import cell_command, display_command
 from dscl.study.spec import Cell, Study, value_text
 from dscl.study.stats import summarize, t_interval
 

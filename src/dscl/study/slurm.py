@@ -1,7 +1,7 @@
 """``dscl study --launcher slurm``: every unfinished cell is one SLURM job, submitted through
 submitit; ``--status`` shows where each cell stands, ``--wait`` follows the jobs to the end.
 
-The submitting command claims each cell (:class:`dscl.study.runner.Claims`), submits it, and
+The submitting command claims each cell (:class:`dscl.study.claims.Claims`), submits it, and
 writes the job id into the claim; a second ``dscl study`` on the grid skips a cell whose job is
 still known to SLURM (pending, running, requeued) and takes over one whose job is gone. The job
 (:mod:`dscl.study.slurm_job`) runs the cell's usual ``dscl run ... --resume auto`` (under
@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dscl.errors import EXIT_INTERRUPTED, ConfigError, SetupError
-from dscl.study.launcher import Launcher
-from dscl.study.runner import (
+from dscl.study.cells import (
     ATTEMPT_HEADER,
     FINISHED,
     INTERRUPTED,
     LOG_NAME,
-    Claims,
     _read_attempts,
     cell_dir,
     cell_state,
     read_cell_record,
 )
+from dscl.study.claims import Claims
+from dscl.study.launcher import Launcher
 from dscl.study.slurm_jobs import (
     ACTIVE,
     GONE,

@@ -33,17 +33,10 @@ from typing import Any
 
 import submitit
 
+from dscl.study.cells import LOG_NAME, _read_attempts, cell_dir
+from dscl.study.claims import Claims
 from dscl.study.launcher import Launcher
-from dscl.study.runner import (
-    LOG_NAME,
-    CellFailed,
-    Claims,
-    _read_attempts,
-    cell_dir,
-    cell_env,
-    run_cell,
-    running_cells,
-)
+from dscl.study.runner import CellFailed, cell_env, run_cell, running_cells
 from dscl.study.slurm_jobs import SIGNAL_DELAY_S, last_logged
 from dscl.study.spec import Cell, Study
 
