@@ -337,3 +337,31 @@ def test_the_extending_example_as_a_plugin_runs_in_a_study(tmp_path):
     (tmp_path / "elsewhere").mkdir()  # the plugin is found from any folder; nothing is left
     out = dscl("study", "--config", str(path), cwd=tmp_path / "elsewhere")
     assert out.returncode == 0 and "running" not in out.stderr, out.stderr
+
+
+def test_export_imports_the_plugins_its_checkpoint_names(tmp_path):
+    """`dscl export` (as `predict`) has no config of its own: the checkpoint's run named the
+    plugin that registers its backbone (docs/EXTENDING.md's tiny_cnn), and export imports it."""
+    import runpy
+
+    from dscl.models import build_backbone
+    from dscl.models.backbones import _REGISTRY
+
+    plugin = tmp_path / "tiny_cnn.py"
+    plugin.write_text(example(EXTENDING, "backbone"))
+    try:
+        runpy.run_path(str(plugin))
+        weights = build_backbone("tiny_cnn").state_dict()
+    finally:
+        _REGISTRY.remove("tiny_cnn")
+    config = {"model": {"backbone": "tiny_cnn"}, "plugins": [str(plugin)]}
+    state = {"kind": "pretrain", "config": config, "backbone": weights}
+    torch.save(state, tmp_path / "pretrain.pt")
+    out = dscl("export", "--checkpoint", "pretrain.pt", "--output", "tiny.pt", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    exported = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    assert exported.keys() == weights.keys()
+    plugin.unlink()
+    out = dscl("export", "--checkpoint", "pretrain.pt", "--output", "tiny.pt", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"pretrain.pt: plugins: {plugin}: plugin file not found" in out.stderr
