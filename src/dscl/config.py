@@ -582,11 +582,11 @@ def build_config(
     """Defaults <- YAML file <- ``key.sub=value`` overrides, validated; the plugins they name
     are imported first (:func:`_plugins_first`)."""
     cfg = RunConfig()
-    parsed = [parse_override(text) for text in overrides]
     path, data = None, {}
     if config_file is not None:
         path = resolve_config_path(str(config_file))
         data = load_yaml(path)  # its errors name the file already
+    parsed = [parse_override(text) for text in overrides]
     plugins = _plugins_first([(path, data), *((None, o) for o in parsed)])
     try:
         _apply(cfg, data)
