@@ -106,7 +106,7 @@ def load_entry_points() -> None:
         return
     for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = point.dist
-        owner = f"distribution {dist.name} {dist.version}" if dist is not None else "unknown"
+        owner = "no distribution" if dist is None else f"distribution {dist.name} {dist.version}"
         where = f"entry point {point.name} = {point.value} ({owner}, group {ENTRY_POINT_GROUP})"
         try:
             point.load()
