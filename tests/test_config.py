@@ -390,9 +390,11 @@ def test_a_setting_added_since_is_read_at_the_value_the_old_run_had():
 
     from dscl.methods import section_names, settings_class
 
-    for dotted in ADDED_KEYS:  # every added key is a real setting (of a group or a section)
-        group, key = dotted.split(".")
-        if group in section_names():
+    for dotted in ADDED_KEYS:  # every added key is a real setting (top-level, of a group or a
+        group, _, key = dotted.rpartition(".")  # section)
+        if not group:
+            assert key in now, dotted
+        elif group in section_names():
             assert key in {f.name for f in dataclasses.fields(settings_class(group))}, dotted
         else:
             assert key in now[group], dotted

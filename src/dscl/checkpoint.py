@@ -136,12 +136,22 @@ def read_stage1(path: str | Path, cfg: Any, *, resume: bool = False) -> dict[str
     return read_checkpoint(path, ("pretrain",), config_values(cfg, keys), fallback=resume)
 
 
+def import_plugins(state: dict[str, Any], path: str | Path) -> None:
+    """Import the plugins the checkpoint's run named (its backbone may come from one), for the
+    commands that read a checkpoint without a config of their own (predict, export)."""
+    from dscl.plugins import load
+
+    load(state.get("config", {}).get("plugins") or [], key=f"{path}: plugins")
+
+
 def read_classifier(path: str | Path, cfg: Any | None = None):
     """A stage-2 checkpoint as ``(Classifier, state)``; with ``cfg``, checked against it."""
     from dscl.models import Classifier, build_backbone
 
     expect = config_values(cfg, STAGE2_KEYS) if cfg is not None else None
     state = read_checkpoint(path, ("classifier",), expect)
+    if cfg is None:
+        import_plugins(state, path)
     name = state["config"]["model"]["backbone"]
     model = Classifier(build_backbone(name), state["num_classes"])
     model.load_state_dict(state["model"])
@@ -153,6 +163,7 @@ def read_backbone(path: str | Path):
     from dscl.models import build_backbone
 
     state = read_checkpoint(path, ("pretrain", "classifier"))
+    import_plugins(state, path)
     name = state["config"]["model"]["backbone"]
     if state["kind"] == "pretrain":
         weights = state["backbone"]

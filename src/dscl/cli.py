@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dscl import __version__, runfiles
 from dscl.errors import RunFolderError
+from dscl.plugins import load_entry_points
 from dscl.study import add_study_parser, cmd_study
 
 RUN_FILES = (
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = _normalise_resume(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
+        # installed plugins first; a config's own are imported as it is read (dscl.plugins)
+        load_entry_points()
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stop:
         again = [a for a in argv if not a.startswith("--resume")]

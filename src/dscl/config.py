@@ -7,6 +7,7 @@ folder and stored in every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -162,6 +163,9 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     method: str = "dscl+pbsd"  # a registered method (dscl.methods): ce, supcon, dscl, ...+pbsd
+    # modules (my_pkg.methods) or .py files imported before the config is parsed, so that what
+    # they register can be named; files are stored resolved (dscl.plugins)
+    plugins: list[str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # AMP_MODES: "auto" (bf16 on GPU), "off", "bf16", "fp16"
@@ -504,6 +508,7 @@ MOVED_KEYS = {
 # saved config without the key is read with that value (upgrade_saved). Adding a setting means
 # adding it here, so that earlier run folders and committed study cells are still recognised.
 ADDED_KEYS = {
+    "plugins": [],  # a top-level key (no group)
     "data.file_views": "per_sample",
     "data.jpeg_draft": 0,
     "data.decode_on_device": False,
@@ -547,8 +552,10 @@ def upgrade_saved(mapping: dict[str, Any]) -> dict[str, Any]:
     except ConfigError:
         used = set()
     for dotted, legacy in ADDED_KEYS.items():
-        group, key = dotted.split(".")
-        if isinstance(out.get(group), dict) and key not in out[group]:
+        group, _, key = dotted.rpartition(".")
+        if not group:
+            out.setdefault(key, copy.deepcopy(legacy))
+        elif isinstance(out.get(group), dict) and key not in out[group]:
             out[group][key] = legacy
     for old, new in MOVED_KEYS.items():
         group, key = old.split(".")
@@ -619,26 +626,56 @@ def resolve_config_path(name_or_path: str) -> Path:
 def build_config(
     config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> RunConfig:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated."""
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated; the plugins they name
+    are imported first (:func:`_plugins_first`)."""
     cfg = RunConfig()
+    path, data = None, {}
     if config_file is not None:
         path = resolve_config_path(str(config_file))
         data = load_yaml(path)  # its errors name the file already
-        try:
-            _apply(cfg, data)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-    for text in overrides:
-        _apply(cfg, parse_override(text))
+    parsed = [parse_override(text) for text in overrides]
+    plugins = _plugins_first([(path, data), *((None, o) for o in parsed)])
+    try:
+        _apply(cfg, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    for override in parsed:
+        _apply(cfg, override)
+    cfg.plugins = plugins
     cfg.validate()
     return cfg
+
+
+def _plugins_first(sources: list[tuple[Path | None, dict[str, Any]]]) -> list[str]:
+    """The ``plugins`` list that the last of ``sources`` to set it gives, imported before the
+    config is parsed (:mod:`dscl.plugins`), so the methods and sections they register validate.
+
+    ``sources`` are (config file or None, its mapping) in the order they apply; a relative file
+    is resolved against the folder of the config file that names it, or the current folder.
+    """
+    from dscl import plugins
+
+    entries: list[str] = []
+    where = plugins.KEY
+    for path, mapping in sources:
+        if plugins.KEY in mapping:
+            where = f"{path}: {plugins.KEY}" if path is not None else plugins.KEY
+            try:
+                given = _coerce(mapping[plugins.KEY], list[str], plugins.KEY)
+                entries = plugins.resolve(given, path.parent if path is not None else Path.cwd())
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+    plugins.load(entries, where)
+    return entries
 
 
 def config_from_dict(mapping: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from :func:`config_to_dict` output (e.g. from a checkpoint), saved
     before or after the methods' settings moved into sections."""
     cfg = RunConfig()
-    _apply(cfg, upgrade_saved(mapping))
+    saved = upgrade_saved(mapping)
+    _plugins_first([(None, saved)])
+    _apply(cfg, saved)
     cfg.validate()
     return cfg
 
@@ -661,6 +698,8 @@ RUNTIME_KEYS = frozenset(
         "data.root",
         "data.download",
         "data.num_workers",
+        # where the code of a method lives, not what it computes (dscl.plugins says why)
+        "plugins",
     }
 )
 

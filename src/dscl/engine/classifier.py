@@ -23,6 +23,7 @@ from dscl.engine.stage import train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
+from dscl.plugins import file_digests
 from dscl.runfiles import git_commit, write_json
 
 
@@ -148,6 +149,7 @@ def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict
         "val_top1": val["top1"] if val is not None else None,
         "config": config_to_dict(ctx.cfg),
         "git_commit": git_commit(),
+        "plugin_sha256": file_digests(ctx.cfg.plugins),
     }
 
 

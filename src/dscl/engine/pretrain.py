@@ -16,6 +16,7 @@ from dscl.engine.context import StageContext, data_info, memory_format
 from dscl.engine.knn import KnnMonitor
 from dscl.engine.stage import train_stage
 from dscl.methods import Method, build_method
+from dscl.plugins import file_digests
 from dscl.runfiles import git_commit
 
 
@@ -56,6 +57,7 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
             **own_classifier(method),
             "config": config_to_dict(cfg),
             "git_commit": git_commit(),
+            "plugin_sha256": file_digests(cfg.plugins),
         }
 
     monitor = knn_monitor(ctx) if p.knn_every > 0 else None

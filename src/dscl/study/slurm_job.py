@@ -33,6 +33,7 @@ from typing import Any
 
 import submitit
 
+from dscl import plugins
 from dscl.study.cells import LOG_NAME, _read_attempts, cell_dir
 from dscl.study.claims import Claims
 from dscl.study.launcher import Launcher
@@ -116,6 +117,18 @@ class CellJob(submitit.helpers.Checkpointable):
     def __init__(self, study: Study, cell_name: str, cwd: str, launcher: Launcher) -> None:
         study = dataclasses.replace(study, results_dir=Path(cwd, study.results_dir))
         self.study, self.cell_name, self.cwd, self.launcher = study, cell_name, cwd, launcher
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What submitit pickles: the study packed with its plugins, since the cells' configs
+        may hold settings of a ``.py`` plugin that the job's process imports first."""
+        entries = getattr(self.study, "plugins", [])  # a study unpickled from an older job: none
+        return {**self.__dict__, "study": plugins.pickled(self.study, entries)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        study = state["study"]  # a job pickled before plugins existed holds the study itself
+        self.__dict__.update(
+            state, study=plugins.unpickled(study) if isinstance(study, dict) else study
+        )
 
     def _cell(self) -> Cell:
         return next(cell for cell in self.study.cells if cell.name == self.cell_name)

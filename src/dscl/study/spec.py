@@ -5,6 +5,8 @@ A study file is YAML with these top-level keys (any other key is an error)::
     name: tail_study                  # required; the study folder is <output_dir>/<name>/
     description: free text            # optional, printed at the top of RESULTS.md
     base: fashion_mnist_lt            # required; shipped config name or YAML path
+    plugins: [my_methods.py]          # optional; modules or .py files (relative to the study
+                                      # file) every cell imports, after the base config's own
     overrides: {pretrain.epochs: 40}  # optional; dotted config keys applied to every cell
     axes:                             # required; every combination of values is one cell
       method: [ce, dscl]
@@ -19,6 +21,8 @@ A study file is YAML with these top-level keys (any other key is an error)::
 ``overrides.output_dir`` places the study folder (default: the base config's ``output_dir``).
 Every cell trains with the same ``threads`` (the study file's, else 1), whatever ``--jobs`` is,
 because a run's digits depend on its thread count.
+``plugins`` is set here only (not in ``overrides`` or ``axes``): the study imports them before
+it validates the grid, and every cell's config carries them, resolved (:mod:`dscl.plugins`).
 Axes are config keys; the ``seed`` axis is the one results are averaged over. Cells are
 enumerated in grid order: the first axis varies slowest.
 """
@@ -36,12 +40,16 @@ import yaml
 
 from dscl.config import RunConfig, build_config, resolve_config_path
 from dscl.errors import ConfigError
+from dscl.plugins import KEY as PLUGINS
+from dscl.plugins import load as load_plugins
+from dscl.plugins import resolve as resolve_plugins
 from dscl.study.launcher import Launcher, read_launcher
 
 TOP_LEVEL_KEYS = (
     "name",
     "description",
     "base",
+    "plugins",
     "overrides",
     "axes",
     "baseline",
@@ -98,6 +106,7 @@ class Study:
     compare: list[str] = field(default_factory=list)  # other studies (names or files) by budget
     launcher: Launcher | None = None  # the study file's launcher section, if any
     launcher_as_written: dict[str, Any] | None = None
+    plugins: list[str] = field(default_factory=list)  # every cell's, resolved (base's included)
 
     @property
     def seed_axis(self) -> str | None:
@@ -110,6 +119,8 @@ class Study:
         if self.description is not None:
             data["description"] = self.description
         data["base"] = self.base
+        if self.plugins:
+            data["plugins"] = list(self.plugins)
         if self.overrides:
             data["overrides"] = dict(self.overrides)
         data["axes"] = {key: list(values) for key, values in self.axes.items()}
@@ -232,6 +243,7 @@ def load_study(path: str | Path) -> Study:
     overrides = _read_mapping(path, data, "overrides")
     for key in overrides:
         _check_key(path, "overrides", key)
+    study_plugins = _read_plugins(path, data)
     if "name" in overrides:
         raise _fail(path, "overrides.name: the study names its cells; use the study's name")
     axes = _read_axes(path, data, overrides)
@@ -245,6 +257,9 @@ def load_study(path: str | Path) -> Study:
         probe = build_config(base, [f"{k}={value_text(v)}" for k, v in overrides.items()])
     except ConfigError as err:
         raise _fail(path, f"overrides: {err}") from None
+    plugins = list(dict.fromkeys([*probe.plugins, *study_plugins]))
+    if plugins != probe.plugins:
+        override_texts = (*override_texts, f"{PLUGINS}={value_text(plugins)}")
     study_dir = Path(probe.output_dir) / name
     compare = data.get("compare", [])
     if not isinstance(compare, list) or not all(isinstance(c, str) and c for c in compare):
@@ -271,6 +286,7 @@ def load_study(path: str | Path) -> Study:
         compare=list(compare),
         launcher=launcher,
         launcher_as_written=None if launcher is None else dict(data["launcher"]),
+        plugins=plugins,
     )
 
 
@@ -301,6 +317,23 @@ def _expand_cells(
             raise _fail(path, f"axes: cell {cname}: {err}") from None
         cells.append(Cell(index, cname, settings, tuple(coords), texts, config))
     return cells
+
+
+def _read_plugins(path: Path, data: dict) -> list[str]:
+    """The study file's ``plugins``, resolved against its folder and imported (so the grid's
+    methods and sections validate); ``plugins`` in ``overrides`` or ``axes`` is refused."""
+    for where in ("overrides", "axes"):
+        if isinstance(data.get(where), dict) and PLUGINS in data[where]:
+            raise _fail(path, f"{where}.{PLUGINS}: set plugins at the top of the study file")
+    raw = data.get(PLUGINS, [])
+    if not isinstance(raw, list) or not all(isinstance(entry, str) for entry in raw):
+        raise _fail(path, f"{PLUGINS}: need a list of module names or .py files, got {raw!r}")
+    try:
+        entries = resolve_plugins(raw, path.parent)
+        load_plugins(entries)
+    except ConfigError as err:
+        raise _fail(path, str(err)) from None
+    return entries
 
 
 def _resolve_base(path: Path, base: Any) -> str:
