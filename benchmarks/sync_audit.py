@@ -40,7 +40,7 @@ from dscl.device_path import gpu_path
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
 from dscl.engine.host_sync import KINDS, HostSyncAudit
-from dscl.engine.loop import Optimization, run_epoch
+from dscl.engine.loop import EpochLog, EpochSpan, Optimization, run_epoch
 from dscl.methods import DataInfo, build_method, method_names
 
 NUM_CLASSES = 10
@@ -128,8 +128,8 @@ def _audit(method, feed: TrainFeed, opt: Optimization, device: torch.device) -> 
         return False
 
     try:
-        run_epoch(method, feed.epoch(0), opt, epoch=0, steps_per_epoch=feed.steps_per_epoch,
-                  log_every=10**9, after_step=after_step)  # fmt: skip
+        run_epoch(method, feed.epoch(0), opt, EpochSpan(0, feed.steps_per_epoch),
+                  EpochLog(log_every=10**9), after_step=after_step)  # fmt: skip
     finally:
         stack.close()
     n = max(audited[0], 1)

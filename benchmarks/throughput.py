@@ -39,7 +39,7 @@ from dscl.data.synthetic import make_synthetic
 from dscl.data.views import BatchedMultiView, ViewConfig, ViewRequest
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
-from dscl.engine.loop import Optimization, StepTimes, run_epoch
+from dscl.engine.loop import EpochSpan, Optimization, StepTimes, run_epoch
 from dscl.methods import DataInfo, build_method
 
 SETTINGS = {
@@ -118,7 +118,7 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps)
+        run_epoch(method, feed.epoch(epoch), opt, EpochSpan(epoch, steps))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if epoch == 0:  # warms up (allocator, oneDNN kernels, cuDNN autotuning, compile)
@@ -129,7 +129,7 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
     if args.phases:
         times = StepTimes(device)
         epoch = args.epochs + 1
-        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps, times=times)
+        run_epoch(method, feed.epoch(epoch), opt, EpochSpan(epoch, steps), times=times)
         total = sum(times.seconds.get(p, 0.0) for p in PHASES)
         split = {p: times.seconds.get(p, 0.0) / total for p in PHASES}
     rate = statistics.median(speeds)

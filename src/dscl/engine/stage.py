@@ -17,7 +17,7 @@ from dscl.checkpoint import save_checkpoint
 from dscl.device_path import sync_free
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
-from dscl.engine.loop import Optimization, run_epoch
+from dscl.engine.loop import EpochLog, EpochSpan, Optimization, run_epoch
 from dscl.engine.preemption import SaveSchedule
 from dscl.errors import CheckpointError, TrainingInterrupted
 from dscl.methods import Method
@@ -171,13 +171,13 @@ def train_stage(
             method,
             feed.epoch(epoch, first, position if epoch == start_epoch else None),
             opt,
-            epoch=epoch,
-            steps_per_epoch=steps,
-            logger=ctx.logger,
-            stage="pretrain" if label == "stage 1" else "classifier",
-            desc=f"{label} epoch {epoch + 1}/{epochs}",
-            log_every=ctx.cfg.log_every,
-            first_batch=first,
+            EpochSpan(epoch, steps, first),
+            EpochLog(
+                ctx.logger,
+                "pretrain" if label == "stage 1" else "classifier",
+                f"{label} epoch {epoch + 1}/{epochs}",
+                ctx.cfg.log_every,
+            ),
             after_step=after_step,
         )
         done = first + result.steps
