@@ -14,7 +14,7 @@ from dscl.config import config_to_dict
 from dscl.engine import runtime
 from dscl.engine.context import StageContext, data_info, memory_format
 from dscl.engine.knn import KnnMonitor
-from dscl.engine.stage import train_stage
+from dscl.engine.stage import StageParts, StagePlan, train_stage
 from dscl.methods import Method, build_method
 from dscl.runfiles import git_commit
 
@@ -76,19 +76,15 @@ def pretrain(ctx: StageContext, resume_state: dict | None = None) -> Path:
         )
         return None
 
-    train_stage(
-        ctx,
-        method,
-        feed,
-        opt,
+    plan = StagePlan(
         label="stage 1",
         epochs=p.epochs,
-        save_every_steps=p.save_every_steps,
         checkpoint=ckpt_path,
-        resume_state=resume_state,
+        save_every_steps=p.save_every_steps,
         make_state=state,
         end_of_epoch=end_of_epoch,
     )
+    train_stage(ctx, StageParts(method, feed, opt), plan, resume_state)
     return ckpt_path
 
 
