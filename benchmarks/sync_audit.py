@@ -29,19 +29,19 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dscl.config import FeedSettings, build_config
+from dscl.config import build_config
 from dscl.data import ImageFileDataset
 from dscl.data.synthetic import make_synthetic
 from dscl.data.views import ViewConfig
 from dscl.device_path import gpu_path
 from dscl.engine import runtime
-from dscl.engine.feed import TrainFeed
 from dscl.engine.host_sync import KINDS, HostSyncAudit
-from dscl.engine.loop import Optimization, run_epoch
-from dscl.methods import DataInfo, build_method, method_names
+from dscl.engine.loop import EpochLog, EpochSpan, run_epoch
+from dscl.engine.pretrain import build_stage1, training_only_context
+from dscl.engine.stage import StageParts
+from dscl.methods import method_names
 
 NUM_CLASSES = 10
 PATHS = ("memory", "files", "device_decode")  # in memory; JPEG files, fast path; decoded here
@@ -63,33 +63,22 @@ def jpeg_folder(images, folder: Path) -> ImageFileDataset:
 def build(method_name: str, device: torch.device, *, image_size: int, batch: int, steps: int,
           overrides: list[str], path: str, folder: Path):  # fmt: skip
     """The method, its feed (``path``, JPEGs written to ``folder``) and its optimization, as
-    ``dscl pretrain`` builds them; call it inside ``gpu_path`` for the GPU's way on a CPU."""
+    ``dscl pretrain`` builds them (:func:`~dscl.engine.pretrain.build_stage1`); call it inside
+    ``gpu_path`` for the GPU's way on a CPU."""
     cfg = build_config(None, [f"method={method_name}", "model.backbone=resnet32", *overrides])
+    cfg.pretrain.batch_size = batch
+    cfg.pretrain.epochs = 1
+    cfg.data.num_workers = 0 if path == "memory" else 1
+    cfg.data.decode_on_device = path == "device_decode"
     counts = [batch * steps // NUM_CLASSES + 1] * NUM_CLASSES
     images = make_synthetic(counts, image_size, seed=0, stream=0)
     if path != "memory":
         images = jpeg_folder(images, folder)
-    method = build_method(cfg, DataInfo(num_classes=NUM_CLASSES, class_counts=tuple(counts)))
-    feed = TrainFeed(
-        images,
-        kind=method.feed_kind,
-        view_cfg=ViewConfig(view_size=image_size, patch_size=max(8, image_size // 4)),
-        batch_size=batch,
-        balanced=False,
-        seed=0,
-        device=device,
-        request=method.view_request(),
-        settings=FeedSettings(
-            num_workers=0 if path == "memory" else 1, decode_on_device=path == "device_decode"
-        ),
-    )
-    method.to(device)
-    method.start_training()
-    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01, momentum=0.9)
-    lr_at = np.full(feed.steps_per_epoch, 0.01)
+    view_cfg = ViewConfig(view_size=image_size, patch_size=max(8, image_size // 4))
     amp = runtime.amp_dtype("auto", device)
-    opt = Optimization(optimizer, lr_at, runtime.grad_scaler(device, amp), device, amp)
-    return method, feed, opt
+    stage = build_stage1(training_only_context(cfg, images, view_cfg, device, amp))
+    stage.method.start_training()
+    return stage
 
 
 def audit_method(method_name: str, device: torch.device, *, image_size: int = 32,
@@ -106,15 +95,16 @@ def audit_method(method_name: str, device: torch.device, *, image_size: int = 32
     if path not in PATHS:
         raise ValueError(f"path: {path!r} is not one of {PATHS}")
     with tempfile.TemporaryDirectory(prefix="dscl_sync_audit_") as tmp, gpu_path():
-        method, feed, opt = build(method_name, device, image_size=image_size, batch=batch,
+        stage = build(method_name, device, image_size=image_size, batch=batch,
                                   steps=steps, overrides=list(overrides), path=path,
                                   folder=Path(tmp) / "jpegs")  # fmt: skip
-        return _audit(method, feed, opt, device)
+        return _audit(stage, device)
 
 
-def _audit(method, feed: TrainFeed, opt: Optimization, device: torch.device) -> dict:
-    """One epoch of ``feed``, the steps between the first and the last under the audit."""
+def _audit(stage: StageParts, device: torch.device) -> dict:
+    """One epoch of the stage, the steps between the first and the last under the audit."""
     audit, stack, counter, audited = HostSyncAudit(), contextlib.ExitStack(), [], [0]
+    method, feed, opt = stage.method, stage.feed, stage.opt
     last = feed.steps_per_epoch - 1
 
     def after_step(i: int, _step: int, _check) -> bool:
@@ -129,8 +119,8 @@ def _audit(method, feed: TrainFeed, opt: Optimization, device: torch.device) -> 
         return False
 
     try:
-        run_epoch(method, feed.epoch(0), opt, epoch=0, steps_per_epoch=feed.steps_per_epoch,
-                  log_every=10**9, after_step=after_step)  # fmt: skip
+        run_epoch(method, feed.epoch(0), opt, EpochSpan(0, feed.steps_per_epoch),
+                  EpochLog(log_every=10**9), after_step=after_step)  # fmt: skip
     finally:
         stack.close()
     n = max(audited[0], 1)

@@ -1,9 +1,11 @@
 """Stage-1 training throughput: the training step itself, its split into phases, and the compute
 limit of the same settings.
 
-For each setting this times :func:`dscl.engine.loop.run_epoch` (the function ``dscl pretrain``
-runs) on in-memory synthetic images of the setting's size: the same views on the device, method
-step, backward, optimizer, EMA and queue. It prints images/s (median over timed epochs of a few
+For each setting this builds stage 1 as ``dscl pretrain`` does
+(:func:`dscl.engine.pretrain.build_stage1`: the method, its feed, SGD with the warm-up + cosine
+schedule) and times :func:`dscl.engine.loop.run_epoch` (the function ``dscl pretrain`` runs) on
+in-memory synthetic images of the setting's size: the same views on the device, method step,
+backward, optimizer, EMA and queue. It prints images/s (median over timed epochs of a few
 steps, with no synchronisation inside an epoch), then, from one more epoch, the share of a step
 spent making views, in the forward pass, the backward pass and the update (optimizer + EMA +
 queue), and peak memory (RSS of the process so far on a CPU, the setting's allocated memory on a
@@ -31,16 +33,14 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 from dscl.config import build_config
 from dscl.data.synthetic import make_synthetic
-from dscl.data.views import BatchedMultiView, ViewConfig, ViewRequest
+from dscl.data.views import BatchedMultiView, ViewConfig
 from dscl.engine import runtime
-from dscl.engine.feed import TrainFeed
-from dscl.engine.loop import Optimization, StepTimes, run_epoch
-from dscl.methods import DataInfo, build_method
+from dscl.engine.loop import EpochSpan, StepTimes, run_epoch
+from dscl.engine.pretrain import build_stage1, training_only_context
 
 SETTINGS = {
     # name: (backbone, view size, patch size, source image size, default batch)
@@ -72,53 +72,40 @@ def synthetic_images(counts: tuple[int, ...], size: int):
 
 
 def build(setting: str, args, device: torch.device):
+    """The setting's stage 1 as ``dscl pretrain`` builds it (:func:`build_stage1`), started."""
     backbone, view, patch, source, default_batch = SETTINGS[setting]
     batch = args.batch_size or default_batch
     cfg = build_config(None, [f"method={args.method}", *args.set])  # a method's settings too
     cfg.model.backbone = backbone
     cfg.pretrain.queue_size = args.queue_size
+    cfg.pretrain.batch_size = batch
+    cfg.pretrain.epochs = args.epochs + 2  # the schedule covers the warm-up and phase-split epochs
+    cfg.channels_last = not args.no_channels_last
+    cfg.compile = args.compile  # what `dscl pretrain compile=true` does
     view_cfg = ViewConfig(view_size=view, patch_size=patch)
-    steps = args.steps
-    counts = [batch * steps // 10 + 1] * 10
+    counts = [batch * args.steps // 10 + 1] * 10
     images = synthetic_images(tuple(counts), source)
-    method = build_method(cfg, DataInfo(num_classes=10, class_counts=tuple(counts)))
-    feed = TrainFeed(
-        images,
-        kind=method.feed_kind,
-        view_cfg=view_cfg,
-        batch_size=batch,
-        balanced=False,
-        seed=0,
-        device=device,
-        # as `dscl pretrain` builds it; --all-patches: patch pixels whether the method reads them
-        request=ViewRequest() if args.all_patches else method.view_request(),
-    )
-    fmt = torch.channels_last if not args.no_channels_last else torch.contiguous_format
-    method.to(device, fmt)
-    if args.compile:  # what `dscl pretrain compile=true` does
-        runtime.compile_for_training(method.compile_targets(), device)
-    method.start_training()
-    optimizer = torch.optim.SGD(
-        method.trainable_parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4
-    )
     amp = runtime.amp_dtype(args.amp, device)
-    lr_at = np.full(feed.steps_per_epoch * (args.epochs + 2), 0.01)  # + the phase-split epoch
-    opt = Optimization(optimizer, lr_at, runtime.grad_scaler(device, amp), device, amp, fmt)
-    return cfg, view_cfg, feed, method, opt, batch
+    ctx = training_only_context(cfg, images, view_cfg, device, amp)
+    # --all-patches: patch pixels whether the method reads them
+    stage = build_stage1(ctx, all_views=args.all_patches)
+    stage.method.start_training()
+    return cfg, view_cfg, stage, batch
 
 
 def measure_training(setting: str, args, device: torch.device) -> dict:
     """Images/s of run_epoch (median over epochs after one warm-up epoch), then the phase split
     from one more epoch: the split synchronises the device after every phase, which would slow
     a GPU's images/s, so the two are measured apart."""
-    _, _, feed, method, opt, batch = build(setting, args, device)
+    _, _, stage, batch = build(setting, args, device)
+    method, feed, opt = stage.method, stage.feed, stage.opt
     steps = feed.steps_per_epoch
     speeds, warmup = [], 0.0
     for epoch in range(args.epochs + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps)
+        run_epoch(method, feed.epoch(epoch), opt, EpochSpan(epoch, steps))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if epoch == 0:  # warms up (allocator, oneDNN kernels, cuDNN autotuning, compile)
@@ -129,7 +116,7 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
     if args.phases:
         times = StepTimes(device)
         epoch = args.epochs + 1
-        run_epoch(method, feed.epoch(epoch), opt, epoch=epoch, steps_per_epoch=steps, times=times)
+        run_epoch(method, feed.epoch(epoch), opt, EpochSpan(epoch, steps), times=times)
         total = sum(times.seconds.get(p, 0.0) for p in PHASES)
         split = {p: times.seconds.get(p, 0.0) / total for p in PHASES}
     rate = statistics.median(speeds)
@@ -140,16 +127,16 @@ def measure_training(setting: str, args, device: torch.device) -> dict:
 
 def measure_limit(setting: str, args, device: torch.device) -> float:
     """Images/s of the encoders' forward + backward alone on fixed, precomputed inputs."""
-    cfg, view_cfg, feed, method, opt, batch = build(setting, args, device)
-    model = method.model
-    fmt = opt.memory_format
+    cfg, view_cfg, stage, batch = build(setting, args, device)
+    model = stage.method.model
+    fmt = stage.opt.memory_format
     moco = getattr(model, "contrastive", model)  # paco keeps its MoCo model beside a classifier
     encoder = getattr(moco, "query_encoder", None)
     two_views = args.method == "bcl"  # one backbone pass over both views, no momentum encoder
     # bcl on its authors' views: a third (classifier) view in the same backbone pass
     class_view = two_views and cfg.section("bcl").augment == "authors"
     views = BatchedMultiView(view_cfg)
-    images = feed.images[:batch]
+    images = stage.feed.images[:batch]
     x = views(images, generator=torch.Generator(device=device).manual_seed(0))
     query = x["query"].contiguous(memory_format=fmt)
     key = x["key"].contiguous(memory_format=fmt)
@@ -157,7 +144,7 @@ def measure_limit(setting: str, args, device: torch.device) -> float:
     with_patches = "pbsd" in args.method
 
     def work() -> None:
-        with runtime.autocast(device, opt.amp):
+        with runtime.autocast(device, stage.opt.amp):
             if two_views:
                 third = query if class_view else None
                 out = sum(t.float().sum() for t in model(query, key, third))

@@ -19,7 +19,7 @@ from torch import nn
 
 from dscl.config import RunConfig
 from dscl.engine import runtime
-from dscl.engine.loop import Optimization, run_epoch
+from dscl.engine.loop import EpochSpan, Optimization, run_epoch
 from dscl.errors import SetupError
 from dscl.methods import build_method
 from dscl.models.backbones import _REGISTRY, Backbone, register_backbone
@@ -71,7 +71,7 @@ def train(method, steps: int = 3):
     sgd = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9)
     opt = Optimization(sgd, np.full(steps, 0.1), runtime.grad_scaler(cpu, None), cpu)
     g = torch.Generator().manual_seed(0)
-    run_epoch(method, [Views(g) for _ in range(steps)], opt, epoch=0, steps_per_epoch=steps)
+    run_epoch(method, [Views(g) for _ in range(steps)], opt, EpochSpan(0, steps))
 
 
 @needs_cxx

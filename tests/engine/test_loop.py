@@ -11,7 +11,7 @@ from torch import nn
 
 from dscl.config import build_config
 from dscl.engine import runtime
-from dscl.engine.loop import Optimization, StepTimes, run_epoch
+from dscl.engine.loop import EpochLog, EpochSpan, Optimization, StepTimes, run_epoch
 from dscl.errors import ConfigError
 from dscl.methods import CLASSIFY, Method, StepOutput, build_method, method_names, register_method
 from dscl.methods.registry import unregister_method
@@ -71,7 +71,7 @@ def test_a_registered_toy_method_trains_one_step(toy_registered):
     reference.load_state_dict(method.model.state_dict())
     F.cross_entropy(reference(batch.inputs["image"].mean(dim=(2, 3))), batch.labels).backward()
     expected = before - 0.5 * reference.weight.grad
-    result = run_epoch(method, [batch], make_opt(method, [0.5]), epoch=0, steps_per_epoch=1)
+    result = run_epoch(method, [batch], make_opt(method, [0.5]), EpochSpan(0, 1))
     assert result.steps == 1 and method.after == 1
     torch.testing.assert_close(method.model.weight.detach(), expected, rtol=0, atol=1e-7)
     assert result.last_values["twice"] == pytest.approx(2 * result.last_values["loss"])
@@ -91,8 +91,7 @@ def test_lr_follows_the_schedule_by_global_step():
         method,
         batches(3),
         opt,
-        epoch=1,
-        steps_per_epoch=3,
+        EpochSpan(epoch=1, steps_per_epoch=3),
         after_step=lambda i, step, check: seen.append(
             (i, step, opt.optimizer.param_groups[0]["lr"])
         ),
@@ -108,9 +107,7 @@ def test_resumed_epoch_starts_at_first_batch_and_stop_ends_it():
         method,
         batches(3),
         opt,
-        epoch=1,
-        steps_per_epoch=4,
-        first_batch=1,
+        EpochSpan(epoch=1, steps_per_epoch=4, first_batch=1),
         after_step=lambda i, step, check: steps.append(step) or step == 6,
     )
     assert steps == [5, 6] and result.stopped and result.steps == 2 and method.after == 2
@@ -124,15 +121,13 @@ def test_non_finite_loss_stops_with_the_step():
 
     method = Exploding()
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
-        run_epoch(method, batches(3), make_opt(method, [0.1] * 3), epoch=0, steps_per_epoch=3)
+        run_epoch(method, batches(3), make_opt(method, [0.1] * 3), EpochSpan(0, 3))
 
 
 def test_step_times_cover_every_phase():
     method = ToyMethod()
     times = StepTimes(torch.device("cpu"))
-    run_epoch(
-        method, batches(2), make_opt(method, [0.1] * 2), epoch=0, steps_per_epoch=2, times=times
-    )
+    run_epoch(method, batches(2), make_opt(method, [0.1] * 2), EpochSpan(0, 2), times=times)
     assert times.steps == 2
     assert {"data", "forward", "backward", "update"} <= set(times.seconds)
     assert all(v >= 0 for v in times.seconds.values())
@@ -145,10 +140,8 @@ def test_log_records_follow_the_cadence(tmp_path):
         method,
         batches(5),
         make_opt(method, [0.1] * 5),
-        epoch=0,
-        steps_per_epoch=5,
-        logger=logger,
-        log_every=2,
+        EpochSpan(0, 5),
+        EpochLog(logger, log_every=2),
     )
     logger.close()
     import json

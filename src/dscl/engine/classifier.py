@@ -19,7 +19,7 @@ from dscl.config import config_to_dict
 from dscl.engine import runtime
 from dscl.engine.context import StageContext, memory_format
 from dscl.engine.evaluate import predict_logits
-from dscl.engine.stage import train_stage
+from dscl.engine.stage import StageParts, StagePlan, train_stage
 from dscl.errors import CheckpointError
 from dscl.methods import LinearProbe
 from dscl.models import Classifier, build_backbone
@@ -85,19 +85,15 @@ def train_classifier(
     def state(epoch: int, val: dict | None) -> dict:
         return classifier_state(ctx, probe.model, epoch, val) | {"best_top1": best["top1"]}
 
-    train_stage(
-        ctx,
-        probe,
-        feed,
-        opt,
+    plan = StagePlan(
         label="stage 2",
         epochs=c.epochs,
-        save_every_steps=c.save_every_steps,
         checkpoint=last_path,
-        resume_state=resume_state,
+        save_every_steps=c.save_every_steps,
         make_state=state,
         end_of_epoch=validate,
     )
+    train_stage(ctx, StageParts(probe, feed, opt), plan, resume_state)
     return best_path
 
 

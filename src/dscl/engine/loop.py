@@ -5,9 +5,9 @@ format, run :meth:`Method.step` under autocast, back-propagate (through the loss
 unless fp16), step the optimizer, then :meth:`Method.after_step` (EMA, enqueue).
 
 Nothing here waits for the device each step: losses are kept as tensors and read at the logging
-cadence (``log_every``) and at the end of the epoch. The finite check runs every step on a CPU
-(where reading a value costs nothing) and at the logging cadence on a GPU, always before a
-checkpoint is written, so a non-finite loss never reaches a saved state.
+cadence (:attr:`EpochLog.log_every`) and at the end of the epoch. The finite check runs every
+step on a CPU (where reading a value costs nothing) and at the logging cadence on a GPU, always
+before a checkpoint is written, so a non-finite loss never reaches a saved state.
 """
 
 from __future__ import annotations
@@ -94,18 +94,43 @@ def to_memory_format(inputs: dict[str, torch.Tensor], memory_format) -> dict[str
     }
 
 
+@dataclass(frozen=True)
+class EpochSpan:
+    """Which steps one call of :func:`run_epoch` trains: batches ``first_batch`` to
+    ``steps_per_epoch - 1`` of epoch ``epoch`` (0-based), whose global steps are
+    ``epoch * steps_per_epoch + batch``. ``first_batch`` is above 0 only for an epoch resumed in
+    its middle."""
+
+    epoch: int
+    steps_per_epoch: int
+    first_batch: int = 0
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """How :func:`run_epoch` reports.
+
+    Attributes:
+        logger: JSON lines / TensorBoard / progress, or None (benchmarks).
+        stage: the ``stage`` field of log records.
+        desc: the progress bar's label.
+        log_every: global steps between log records (and, where the host must not wait for the
+            device, between finite checks of the loss).
+    """
+
+    logger: runtime.RunLogger | None = None
+    stage: str = "pretrain"
+    desc: str = ""
+    log_every: int = 20
+
+
 def run_epoch(
     method: Method,
     batches: Iterable,
     opt: Optimization,
+    span: EpochSpan,
+    report: EpochLog = EpochLog(),
     *,
-    epoch: int,
-    steps_per_epoch: int,
-    logger: runtime.RunLogger | None = None,
-    stage: str = "pretrain",
-    desc: str = "",
-    log_every: int = 20,
-    first_batch: int = 0,
     times: StepTimes | None = None,
     after_step: Callable[[int, int, Callable[[], None]], bool] | None = None,
 ) -> EpochResult:
@@ -113,15 +138,11 @@ def run_epoch(
 
     Args:
         method: the method to train (its ``train()`` flags are set here).
-        batches: the epoch's batches from ``first_batch`` on (``batch.inputs``, ``batch.labels``).
+        batches: the epoch's batches from ``span.first_batch`` on (``batch.inputs``,
+            ``batch.labels``).
         opt: optimizer, schedule, scaler, device, precision and memory format.
-        epoch: the epoch's index (0-based); the global step is epoch·steps_per_epoch + batch.
-        steps_per_epoch: batches in a whole epoch.
-        logger: JSON lines / TensorBoard / progress, or None (benchmarks).
-        stage: the ``stage`` field of log records.
-        desc: the progress bar's label.
-        log_every: global steps between log records.
-        first_batch: index of the first batch of ``batches`` within the epoch (resume).
+        span: the epoch and the batches of it to train.
+        report: the logger, the records' stage, the progress label and the logging cadence.
         times: per-phase timing (benchmarks), or None.
         after_step: called as ``after_step(step_in_epoch, global_step, check_finite)`` after
             each step; it must call ``check_finite()`` before it saves anything (the loss is
@@ -130,11 +151,15 @@ def run_epoch(
     Returns:
         :class:`EpochResult`.
     """
+    epoch, steps_per_epoch, first_batch = span.epoch, span.steps_per_epoch, span.first_batch
+    logger, log_every = report.logger, report.log_every
     method.train()
     check_every = 1 if opt.checks_every_step else log_every
     world = dist.get_world_size()
     if logger is not None:
-        batches = logger.bar(batches, steps_per_epoch - first_batch, desc, initial=first_batch)
+        batches = logger.bar(
+            batches, steps_per_epoch - first_batch, report.desc, initial=first_batch
+        )
     start = time.perf_counter()
     seen, done, values, stopped = 0, 0, {}, False
     nonfinite = None  # (,) bool tensor: a non-finite loss since the last check
@@ -182,7 +207,7 @@ def run_epoch(
             values = {"loss": out.loss.item()} | {k: v.item() for k, v in out.logs.items()}
             values |= {"lr": lr, "images_per_sec": seen / (time.perf_counter() - start)}
             if logger is not None:
-                logger.log({"stage": stage, "epoch": epoch, "step": step} | values)
+                logger.log({"stage": report.stage, "epoch": epoch, "step": step} | values)
                 logger.postfix(values)
         if after_step is not None:
 

@@ -1,12 +1,14 @@
 """A training stage's epochs: resuming, mid-epoch checkpoints and stopping on a signal.
 
-Stage 1 and stage 2 both run :func:`train_stage`; they differ only in the method, the feed, the
-schedule and what their checkpoint holds besides the training state.
+Stage 1 and stage 2 both run :func:`train_stage`; they differ only in their :class:`StageParts`
+(the method, the feed, the schedule) and :class:`StagePlan` (epochs, what their checkpoint holds
+besides the training state, validation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from dscl.checkpoint import save_checkpoint
 from dscl.device_path import sync_free
 from dscl.engine import runtime
 from dscl.engine.feed import TrainFeed
-from dscl.engine.loop import Optimization, run_epoch
+from dscl.engine.loop import EpochLog, EpochSpan, Optimization, run_epoch
 from dscl.engine.preemption import SaveSchedule
 from dscl.errors import CheckpointError, TrainingInterrupted
 from dscl.methods import Method
@@ -84,68 +86,98 @@ def resume_position(state: dict, steps_per_epoch: int) -> tuple[int, int]:
     return (epoch + 1, 0) if next_batch >= steps_per_epoch else (epoch, next_batch)
 
 
-def train_stage(
-    ctx,
-    method: Method,
-    feed: TrainFeed,
-    opt: Optimization,
-    *,
-    label: str,
-    epochs: int,
-    save_every_steps: int,
-    checkpoint: Path,
-    resume_state: dict[str, Any] | None,
-    make_state: Callable[[int, dict | None], dict[str, Any]],
-    end_of_epoch: Callable[[int], dict | None] | None = None,
-) -> None:
-    """Train ``method`` for ``epochs`` epochs, from ``resume_state`` when given.
+@dataclass(frozen=True)
+class StageParts:
+    """What a stage trains and with what: the method (its model on the device already), its
+    training batches and its optimization (optimizer, schedule, scaler, device, precision,
+    memory format)."""
 
-    The stage's ``checkpoint`` is written (rank 0, previous copy kept) at the end of every epoch,
-    every ``save_every_steps`` steps, every ``cfg.save_every_minutes`` and when a stop is
-    requested: ``make_state(epoch, val)`` plus the training state (epoch, next batch, optimizer,
-    scaler, every rank's RNG and augmentation position, finished).
+    method: Method
+    feed: TrainFeed
+    opt: Optimization
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How long a stage trains and what it keeps.
+
+    Attributes:
+        label: "stage 1" or "stage 2", for messages and the progress bar.
+        epochs: the stage's epochs.
+        checkpoint: the file the training state goes to.
+        save_every_steps: mid-epoch checkpoint cadence (0: none).
+        make_state: ``make_state(epoch, val)``, the checkpoint's content besides the training
+            state.
+        end_of_epoch: called after each whole epoch (validation); its result is passed to
+            ``make_state``.
+    """
+
+    label: str
+    epochs: int
+    checkpoint: Path
+    save_every_steps: int
+    make_state: Callable[[int, dict | None], dict[str, Any]]
+    end_of_epoch: Callable[[int], dict | None] | None = None
+
+    @property
+    def log_stage(self) -> str:
+        """The ``stage`` field of the stage's log records."""
+        return "pretrain" if self.label == "stage 1" else "classifier"
+
+
+def resume_stage(
+    ctx, parts: StageParts, plan: StagePlan, state: dict[str, Any]
+) -> tuple[int, int, torch.Tensor | None]:
+    """Load a checkpoint of this stage into the model, optimizer, scaler and RNG; return where
+    the stage goes on: ``(epoch, batch, augmentation position or None)``."""
+    parts.method.model.load_state_dict(state["model"])
+    parts.opt.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # empty when the run had no loss scaling
+        parts.opt.scaler.load_state_dict(state["scaler"])
+    epoch, batch = resume_position(state, parts.feed.steps_per_epoch)
+    position = restore_rank_state(state, plan.checkpoint, parts.feed.device, mid_epoch=batch > 0)
+    ctx.logger.info(
+        f"resuming {plan.label} from {plan.checkpoint} at epoch {epoch + 1}, step {batch + 1}"
+    )
+    return epoch, batch, position
+
+
+def train_stage(
+    ctx, parts: StageParts, plan: StagePlan, resume_state: dict[str, Any] | None = None
+) -> None:
+    """Train ``parts.method`` for ``plan.epochs`` epochs, from ``resume_state`` (a checkpoint of
+    this stage) when given.
+
+    The stage's ``plan.checkpoint`` is written (rank 0, previous copy kept) at the end of every
+    epoch, every ``plan.save_every_steps`` steps, every ``cfg.save_every_minutes`` and when a
+    stop is requested: ``plan.make_state(epoch, val)`` plus the training state (epoch, next
+    batch, optimizer, scaler, every rank's RNG and augmentation position, finished).
 
     Args:
         ctx: the :class:`~dscl.engine.context.StageContext`.
-        method: the method to train (its model on the device already).
-        feed: the stage's training batches.
-        opt: optimizer, schedule, scaler, device, precision, memory format.
-        label: "stage 1" or "stage 2", for messages and the progress bar.
-        epochs: the stage's epochs.
-        save_every_steps: mid-epoch checkpoint cadence (0: none).
-        checkpoint: the file the training state goes to.
+        parts: the method, its feed and its optimization.
+        plan: label, epochs, checkpoint and what it holds, validation.
         resume_state: a checkpoint of this stage to continue, or None.
-        make_state: the checkpoint's content besides the training state.
-        end_of_epoch: called after each whole epoch (validation); its result is passed to
-            ``make_state``.
 
     Raises:
         TrainingInterrupted: a stop was requested; the checkpoint is written.
     """
+    method, feed, opt = parts.method, parts.feed, parts.opt
+    label, epochs, checkpoint = plan.label, plan.epochs, plan.checkpoint
     steps = feed.steps_per_epoch
     start_epoch, start_batch, position = 0, 0, None
     if resume_state is not None:
-        method.model.load_state_dict(resume_state["model"])
-        opt.optimizer.load_state_dict(resume_state["optimizer"])
-        if resume_state.get("scaler"):  # empty when the run had no loss scaling
-            opt.scaler.load_state_dict(resume_state["scaler"])
-        start_epoch, start_batch = resume_position(resume_state, steps)
-        position = restore_rank_state(
-            resume_state, checkpoint, feed.device, mid_epoch=start_batch > 0
-        )
-        ctx.logger.info(
-            f"resuming {label} from {checkpoint} at epoch {start_epoch + 1}, step {start_batch + 1}"
-        )
+        start_epoch, start_batch, position = resume_stage(ctx, parts, plan, resume_state)
     else:
         method.start_training()
     method.wrap(lambda module: runtime.wrap_ddp(module, ctx.device))
     every_minutes = ctx.cfg.save_every_minutes
-    schedule = SaveSchedule(save_every_steps, every_minutes, ctx.stop, check_interval(ctx))
+    schedule = SaveSchedule(plan.save_every_steps, every_minutes, ctx.stop, check_interval(ctx))
 
     def save(epoch: int, next_batch: int, val: dict | None = None) -> None:
         ranks = rank_states(feed)
         if dist.is_main_process():
-            state = make_state(epoch, val) | {
+            state = plan.make_state(epoch, val) | {
                 "epoch": epoch,
                 "next_batch": next_batch,
                 "optimizer": opt.optimizer.state_dict(),
@@ -171,18 +203,16 @@ def train_stage(
             method,
             feed.epoch(epoch, first, position if epoch == start_epoch else None),
             opt,
-            epoch=epoch,
-            steps_per_epoch=steps,
-            logger=ctx.logger,
-            stage="pretrain" if label == "stage 1" else "classifier",
-            desc=f"{label} epoch {epoch + 1}/{epochs}",
-            log_every=ctx.cfg.log_every,
-            first_batch=first,
+            EpochSpan(epoch, steps, first),
+            EpochLog(
+                ctx.logger, plan.log_stage, f"{label} epoch {epoch + 1}/{epochs}", ctx.cfg.log_every
+            ),
             after_step=after_step,
         )
         done = first + result.steps
         if done == steps:
-            save(epoch, steps, end_of_epoch(epoch) if end_of_epoch is not None else None)
+            end = plan.end_of_epoch
+            save(epoch, steps, end(epoch) if end is not None else None)
         if result.stopped:
             step = epoch * steps + done
             raise TrainingInterrupted(schedule.signal_name, label, checkpoint, step)
