@@ -25,6 +25,7 @@ from dscl.data.named_views import ViewSpec, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import BCLLoss
 from dscl.methods.base import (
+    BEFORE_OWN_VIEWS,
     VIEWS,
     Method,
     StepOutput,
@@ -129,7 +130,14 @@ class BalancedContrastive(Method):
         return self.model.classifier
 
 
-@register_method("bcl", settings=BCLSettings, classifier="keep")
+@register_method(
+    "bcl",
+    settings=BCLSettings,
+    classifier="keep",
+    added=BEFORE_OWN_VIEWS,
+    checkpoint_keys=("model.embed_dim",),  # its two projection heads
+    order=2,
+)
 def build_bcl(cfg, data) -> BalancedContrastive:
     s = cfg.section("bcl")
     backbone = method_backbone(cfg)

@@ -16,7 +16,7 @@ from dscl import dist
 from dscl.errors import ConfigError
 from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss
 from dscl.methods.base import VIEWS, StepOutput, method_backbone
-from dscl.methods.momentum import MomentumMethod
+from dscl.methods.momentum import MOMENTUM_KEYS, MomentumMethod
 from dscl.methods.registry import register_method, register_settings
 from dscl.models import ContrastiveModel
 
@@ -130,4 +130,6 @@ for _name, _decoupled, _with_pbsd in (
     ("dscl+pbsd", True, True),
 ):
     _uses = (("dscl",) if _decoupled else ()) + (("pbsd",) if _with_pbsd else ())
-    register_method(_name, sections=_uses)(_builder(_decoupled, _with_pbsd))
+    register_method(_name, sections=_uses, checkpoint_keys=MOMENTUM_KEYS, order=1)(
+        _builder(_decoupled, _with_pbsd)
+    )

@@ -9,6 +9,9 @@ from torch import nn
 
 from dscl.methods.base import Method
 
+# the settings that shape a ContrastiveModel's state: its heads' width and its queue's length
+MOMENTUM_KEYS = ("model.embed_dim", "pretrain.queue_size")
+
 
 class MomentumMethod(Method):
     """A method whose model holds a :class:`~dscl.models.ContrastiveModel` (query encoder,

@@ -24,12 +24,13 @@ from dscl.data.named_views import ViewSpec, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import PaCoLoss
 from dscl.methods.base import (
+    BEFORE_OWN_VIEWS,
     VIEWS,
     StepOutput,
     check_augment,
     method_backbone,
 )
-from dscl.methods.momentum import MomentumMethod
+from dscl.methods.momentum import MOMENTUM_KEYS, MomentumMethod
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, ContrastiveModel
 
@@ -127,7 +128,14 @@ class ParametricContrastive(MomentumMethod):
         return self.model.classifier
 
 
-@register_method("paco", settings=PaCoSettings, classifier="keep")
+@register_method(
+    "paco",
+    settings=PaCoSettings,
+    classifier="keep",
+    added=BEFORE_OWN_VIEWS,
+    checkpoint_keys=MOMENTUM_KEYS,
+    order=3,
+)
 def build_paco(cfg, data) -> ParametricContrastive:
     s, p = cfg.section("paco"), cfg.pretrain
     backbone = method_backbone(cfg)
