@@ -306,13 +306,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
     ``cfg`` on the settings its state depends on. A newest checkpoint that cannot be read is
     reported and the previous one (``*.prev.pt``) used.
     """
-    from dscl.checkpoint import (
-        STAGE2_KEYS,
-        config_values,
-        previous_path,
-        read_checkpoint,
-        read_stage1,
-    )
+    from dscl.checkpoint import previous_path, read_checkpoint, read_stage1
     from dscl.config import config_to_dict, first_difference, load_yaml
 
     plan = ResumePlan()
@@ -338,8 +332,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
         and plan.stage1_state is None
         and (last_pt.is_file() or previous_path(last_pt).is_file())
     ):
-        expect = config_values(cfg, STAGE2_KEYS)
-        state = read_checkpoint(last_pt, ("classifier",), expect, fallback=True)
+        state = read_checkpoint(last_pt, ("classifier",), cfg, fallback=True)
         if state.get("finished"):
             plan.stage2_done = True
         elif "next_batch" in state:  # a training state (older last.pt files hold none)
