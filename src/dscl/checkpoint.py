@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dscl.errors import CheckpointError
+from dscl.errors import CheckpointError, ConfigError
 from dscl.runfiles import atomic_write, previous_path
 
 
@@ -130,13 +130,28 @@ def read_stage1(path: str | Path, cfg: Any, *, resume: bool = False) -> dict[str
 
 
 def read_classifier(path: str | Path, cfg: Any | None = None):
-    """A stage-2 checkpoint as ``(Classifier, state)``; with ``cfg``, checked against it."""
+    """A stage-2 checkpoint as ``(classifier model, state)``; with ``cfg``, checked against it.
+
+    The model is the one stage 2 trained: a :class:`~dscl.models.Classifier` for a new probe,
+    the method's own kind of classifier (its MethodSpec's) where stage 2 kept or retrained it.
+    """
+    from dscl.methods import method_names, stage2_classifier
     from dscl.models import Classifier, build_backbone
 
     state = read_checkpoint(path, ("classifier",), cfg)
-    name = state["config"]["model"]["backbone"]
-    model = Classifier(build_backbone(name), state["num_classes"])
-    model.load_state_dict(state["model"])
+    name, method = state["config"]["model"]["backbone"], state.get("method")
+    mode = state.get("classifier_mode", "probe")  # older checkpoints name none: they hold a probe
+    build = Classifier  # also for a method not registered here (its module not imported)
+    if method in method_names():
+        try:
+            build = stage2_classifier(method, mode)
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    model = build(build_backbone(name), state["num_classes"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: classifier weights do not fit its model: {err}") from None
     return model, state
 
 
