@@ -64,7 +64,7 @@ def check_kind(state: dict[str, Any], path: str | Path, *kinds: str) -> None:
         )
 
 
-def check_matches(state: dict[str, Any], path: str | Path, cfg: Any, keys: tuple[str, ...]):
+def check_matches(state: dict[str, Any], path: str | Path, cfg: Any, keys: tuple[str, ...]) -> None:
     """Raise CheckpointError when the checkpoint's config differs from the RunConfig ``cfg`` on
     any of the dotted ``keys`` (``model.backbone``), compared as ``--resume auto`` compares
     configs (:func:`dscl.config.first_difference`: a checkpoint saved before a setting existed
