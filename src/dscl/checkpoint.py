@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dscl.errors import CheckpointError
+from dscl.errors import CheckpointError, ConfigError
 from dscl.runfiles import atomic_write, previous_path
 
 
@@ -64,54 +64,47 @@ def check_kind(state: dict[str, Any], path: str | Path, *kinds: str) -> None:
         )
 
 
-def check_matches(state: dict[str, Any], path: str | Path, expected: dict[str, Any]) -> None:
-    """Raise CheckpointError when the checkpoint's config differs on any of ``expected``'s keys.
+def check_matches(state: dict[str, Any], path: str | Path, cfg: Any, keys: tuple[str, ...]) -> None:
+    """Raise CheckpointError when the checkpoint's config differs from the RunConfig ``cfg`` on
+    any of the dotted ``keys`` (``model.backbone``), compared as ``--resume auto`` compares
+    configs (:func:`dscl.config.first_difference`: a checkpoint saved before a setting existed
+    has the value it ran with)."""
+    from dscl.config import config_to_dict, first_difference
 
-    ``expected`` maps dotted config keys (``model.backbone``) to the values the run uses.
-    """
-    saved = state.get("config", {})
-    for dotted, want in expected.items():
-        node: Any = saved
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node != want:
-            raise CheckpointError(
-                f"{path}: checkpoint has {dotted}={node!r} but this run uses {dotted}={want!r}"
-            )
+    difference = first_difference(state.get("config", {}), config_to_dict(cfg), set(), keys=keys)
+    if difference is not None:
+        key, saved, now = difference
+        raise CheckpointError(
+            f"{path}: checkpoint has {key}={saved!r} but this run uses {key}={now!r}"
+        )
 
 
-# Settings a stage-1 checkpoint must share with the run that resumes it (its saved state has
-# their shapes and its schedule their lengths), and with a stage 2 trained on it.
-RESUME_KEYS = (
-    "method",
-    "model.backbone",
-    "model.embed_dim",
-    "pretrain.queue_size",
-    "pretrain.epochs",
-    "pretrain.batch_size",
-)
+# Settings every stage-1 checkpoint must share with the run that resumes it (its saved state has
+# the backbone's shapes and its schedule their lengths): before the schedule's, the method's own
+# (its MethodSpec's checkpoint_keys). A stage 2 trained on it, or a classifier checkpoint read
+# for a run, must share STAGE2_KEYS.
+RESUME_KEYS = ("method", "model.backbone", "pretrain.epochs", "pretrain.batch_size")
 STAGE2_KEYS = ("model.backbone", "method")
 
 
-def config_values(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    """``{dotted key: value}`` read from a RunConfig."""
-    values = {}
-    for dotted in keys:
-        node = cfg
-        for part in dotted.split("."):
-            node = getattr(node, part)
-        values[dotted] = node
-    return values
+def resume_keys(method: str) -> tuple[str, ...]:
+    """What a stage-1 checkpoint of ``method`` must share with the run that resumes it."""
+    from dscl.methods import method_spec
+
+    own = method_spec(method).checkpoint_keys
+    return (*RESUME_KEYS[:2], *own, *RESUME_KEYS[2:])
 
 
 def read_checkpoint(
     path: str | Path,
     kinds: tuple[str, ...],
-    expect: dict[str, Any] | None = None,
+    cfg: Any | None = None,
+    keys: tuple[str, ...] = STAGE2_KEYS,
     *,
     fallback: bool = False,
 ) -> dict[str, Any]:
-    """Load ``path`` (on the CPU), check its kind and that its config has ``expect``'s values.
+    """Load ``path`` (on the CPU), check its kind and, with a RunConfig ``cfg``, that its config
+    has ``cfg``'s values of the dotted ``keys`` (:func:`check_matches`).
 
     With ``fallback``, a ``path`` that cannot be read is reported on stderr and the previous
     checkpoint (:func:`previous_path`) is used instead, if there is one.
@@ -125,15 +118,15 @@ def read_checkpoint(
         print(f"dscl: warning: {err}; using the previous checkpoint {previous}", file=sys.stderr)
         path, state = previous, load_checkpoint(previous)
     check_kind(state, path, *kinds)
-    if expect:
-        check_matches(state, path, expect)
+    if cfg is not None:
+        check_matches(state, path, cfg, keys)
     return state
 
 
 def read_stage1(path: str | Path, cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     """A stage-1 checkpoint for stage 2 on its backbone, or (``resume``) to continue it."""
-    keys = RESUME_KEYS if resume else STAGE2_KEYS
-    return read_checkpoint(path, ("pretrain",), config_values(cfg, keys), fallback=resume)
+    keys = resume_keys(cfg.method) if resume else STAGE2_KEYS
+    return read_checkpoint(path, ("pretrain",), cfg, keys, fallback=resume)
 
 
 def import_plugins(state: dict[str, Any], path: str | Path) -> None:
@@ -145,16 +138,30 @@ def import_plugins(state: dict[str, Any], path: str | Path) -> None:
 
 
 def read_classifier(path: str | Path, cfg: Any | None = None):
-    """A stage-2 checkpoint as ``(Classifier, state)``; with ``cfg``, checked against it."""
+    """A stage-2 checkpoint as ``(classifier model, state)``; with ``cfg``, checked against it.
+
+    The model is the one stage 2 trained: a :class:`~dscl.models.Classifier` for a new probe,
+    the method's own kind of classifier (its MethodSpec's) where stage 2 kept or retrained it.
+    """
+    from dscl.methods import method_names, stage2_classifier
     from dscl.models import Classifier, build_backbone
 
-    expect = config_values(cfg, STAGE2_KEYS) if cfg is not None else None
-    state = read_checkpoint(path, ("classifier",), expect)
+    state = read_checkpoint(path, ("classifier",), cfg)
     if cfg is None:
         import_plugins(state, path)
-    name = state["config"]["model"]["backbone"]
-    model = Classifier(build_backbone(name), state["num_classes"])
-    model.load_state_dict(state["model"])
+    name, method = state["config"]["model"]["backbone"], state.get("method")
+    mode = state.get("classifier_mode", "probe")  # older checkpoints name none: they hold a probe
+    build = Classifier  # also for a method not registered here (its module not imported)
+    if method in method_names():
+        try:
+            build = stage2_classifier(method, mode)
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    model = build(build_backbone(name), state["num_classes"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: classifier weights do not fit its model: {err}") from None
     return model, state
 
 

@@ -286,7 +286,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
     ``cfg`` on the settings its state depends on. A newest checkpoint that cannot be read is
     reported and the previous one (``*.prev.pt``) used.
     """
-    from dscl.checkpoint import STAGE2_KEYS, config_values, read_checkpoint, read_stage1
+    from dscl.checkpoint import read_checkpoint, read_stage1
     from dscl.config import config_to_dict, first_difference, load_yaml
 
     plan = ResumePlan()
@@ -309,8 +309,7 @@ def plan_resume(cfg, run_dir: Path, mode: str | None, *, stage1: bool, stage2: b
         else:
             plan.stage1_state = saved
     if stage2 and plan.stage1_state is None and state.stage2_checkpoint:
-        expect = config_values(cfg, STAGE2_KEYS)
-        saved = read_checkpoint(run_dir / runfiles.LAST, ("classifier",), expect, fallback=True)
+        saved = read_checkpoint(run_dir / runfiles.LAST, ("classifier",), cfg, fallback=True)
         if saved.get("finished"):
             plan.stage2_done = True
         elif "next_batch" in saved:  # a training state (older last.pt files hold none)

@@ -506,7 +506,8 @@ MOVED_KEYS = {
 
 # Settings added after runs were written, with the value that reproduces what such a run did: a
 # saved config without the key is read with that value (upgrade_saved). Adding a setting means
-# adding it here, so that earlier run folders and committed study cells are still recognised.
+# adding it here, so that earlier run folders and committed study cells are still recognised; a
+# setting added to a method's own section goes into its MethodSpec's ``added`` instead.
 ADDED_KEYS = {
     "plugins": [],  # a top-level key (no group)
     "data.file_views": "per_sample",
@@ -514,13 +515,6 @@ ADDED_KEYS = {
     "data.decode_on_device": False,
     "classifier.mode": "auto",  # auto is probe for every method that existed before it
     "model.zero_init_residual": False,
-    # BCL and PaCo trained on this project's query and key views before they had their own
-    "bcl.augment": "stage1",
-    "bcl.randaugment_ops": 2,
-    "bcl.randaugment_magnitude": 10,
-    "paco.augment": "stage1",
-    "paco.randaugment_ops": 2,
-    "paco.randaugment_magnitude": 10,
 }
 
 
@@ -536,8 +530,19 @@ def _section_names() -> set[str]:
     return set(section_names())
 
 
+def added_keys() -> dict[str, Any]:
+    """Every setting added after runs were written, with the value such a run had in effect:
+    :data:`ADDED_KEYS`, then those of each method's own section (its MethodSpec's ``added``)."""
+    from dscl.methods import method_specs  # the registry (imports torch)
+
+    added = dict(ADDED_KEYS)
+    for spec in method_specs():
+        added.update((f"{spec.name}.{key}", value) for key, value in spec.added.items())
+    return added
+
+
 def upgrade_saved(mapping: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict in today's layout: settings added since (:data:`ADDED_KEYS`) at the
+    """A saved config dict in today's layout: settings added since (:func:`added_keys`) at the
     value the run had in effect, and the keys of :data:`MOVED_KEYS` moved into the sections of
     the method it ran (dropped where that method has no such section), so a run folder or study
     cell written before compares equal to the config it ran."""
@@ -551,7 +556,7 @@ def upgrade_saved(mapping: dict[str, Any]) -> dict[str, Any]:
         used = set(method_sections(method)) if isinstance(method, str) else set()
     except ConfigError:
         used = set()
-    for dotted, legacy in ADDED_KEYS.items():
+    for dotted, legacy in added_keys().items():
         group, _, key = dotted.rpartition(".")
         if not group:
             out.setdefault(key, copy.deepcopy(legacy))
@@ -761,6 +766,8 @@ def first_difference(
     saved: dict[str, Any],
     current: dict[str, Any],
     ignore: frozenset[str] | set[str] = RUNTIME_KEYS,
+    *,
+    keys: tuple[str, ...] | None = None,
 ) -> Difference | None:
     """The first dotted key (in ``current``'s order, then keys only ``saved`` has) where two
     config dicts differ, or None when they agree on every key outside ``ignore``.
@@ -768,10 +775,13 @@ def first_difference(
     ``saved`` may predate the methods' sections (:func:`upgrade_saved`). ``--resume auto``
     ignores :data:`RUNTIME_KEYS`; a study ignores :data:`STUDY_IGNORED_KEYS`
     (it also compares the thread count, device and compile setting). A key missing on one side
-    is a difference, its value shown as ``(absent)``.
+    is a difference, its value shown as ``(absent)``. With ``keys`` only those dotted keys are
+    compared, in their order (what a checkpoint must share with the run that reads it).
     """
     flat_saved, flat_now = _flat(upgrade_saved(saved)), _flat(upgrade_saved(current))
-    for key in [*flat_now, *(k for k in flat_saved if k not in flat_now)]:
+    if keys is None:
+        keys = (*flat_now, *(k for k in flat_saved if k not in flat_now))
+    for key in keys:
         if key in ignore:
             continue
         a, b = flat_saved.get(key, ABSENT), flat_now.get(key, ABSENT)

@@ -31,11 +31,12 @@ from dscl.data.device_decode import (
     wait_for_queued_work,
 )
 from dscl.data.fileviews import FileCrops
-from dscl.data.named_views import MOCO_VIEW, randaugment_view
+from dscl.data.named_views import randaugment_view
 from dscl.data.views import ViewConfig, ViewRequest
 from dscl.engine import feed as feed_module
 from dscl.engine.feed import TrainFeed
 from dscl.errors import SetupError
+from dscl.methods.paco import MOCO_VIEW
 
 CPU = torch.device("cpu")
 EXTRA = (("moco", MOCO_VIEW), ("strong", randaugment_view(2, 5)))

@@ -22,14 +22,7 @@ from torch.utils.data import default_collate
 from dscl.data import ImageFileDataset
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
 from dscl.data.fileviews import FileCrops, draw_request, finish_batch
-from dscl.data.named_views import (
-    MOCO_VIEW,
-    SIMCLR_VIEW,
-    ViewSpec,
-    draw_named,
-    finish_named,
-    randaugment_view,
-)
+from dscl.data.named_views import ViewSpec, draw_named, finish_named, randaugment_view
 from dscl.data.randaugment import randaugment
 from dscl.data.views import (
     BatchedMultiView,
@@ -39,6 +32,8 @@ from dscl.data.views import (
     draw_view_params,
 )
 from dscl.engine.feed import PositionSeeded, TrainFeed
+from dscl.methods.bcl import SIMCLR_VIEW
+from dscl.methods.paco import MOCO_VIEW
 
 CPU = torch.device("cpu")
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)

@@ -92,14 +92,6 @@ def randaugment_view(ops: int = 2, magnitude: int = 10) -> ViewSpec:
     return ViewSpec(hue=0.0, p_jitter=1.0, randaugment=(ops, magnitude) if ops > 0 else None)
 
 
-# SimCLR's views as BCL's authors use them (``augmentation_sim``): jitter (0.4, 0.4, 0.4, 0.1)
-# with p 0.8, grayscale p 0.2, no blur.
-SIMCLR_VIEW = ViewSpec(hue=0.1, p_jitter=0.8, p_gray=0.2)
-# MoCo v2's views as PaCo's authors use them for the key: jitter (0.4, 0.4, 0.4, 0) always,
-# grayscale p 0.2, blur p 0.5.
-MOCO_VIEW = ViewSpec(hue=0.0, p_jitter=1.0, p_gray=0.2, p_blur=0.5)
-
-
 @dataclass
 class NamedParams:
     """The random parameters of one named view for N images (see ``draw_named``)."""

@@ -21,8 +21,8 @@ from dscl.engine.context import StageContext, memory_format
 from dscl.engine.evaluate import predict_logits
 from dscl.engine.stage import StageParts, StagePlan, train_stage
 from dscl.errors import CheckpointError
-from dscl.methods import LinearProbe
-from dscl.models import Classifier, build_backbone
+from dscl.methods import LinearProbe, method_spec, stage2_classifier
+from dscl.models import build_backbone
 from dscl.plugins import file_digests
 from dscl.runfiles import git_commit, write_json
 
@@ -52,10 +52,10 @@ def train_classifier(
         start_from_stage1_rng(stage1, device)
     backbone = build_backbone(cfg.model.backbone)
     backbone.load_state_dict(stage1["backbone"])
-    probe = LinearProbe(backbone, ctx.splits.num_classes, c.bn_mode)
-    if mode == "retrain":  # cRT: the method's own linear layer, retrained class-balanced
-        own = _own_classifier_state(stage1)
-        probe.model.fc.load_state_dict({k[3:]: v for k, v in own.items() if k.startswith("fc.")})
+    own = method_spec(cfg.method).classifier if mode == "retrain" else None
+    probe = LinearProbe(backbone, ctx.splits.num_classes, c.bn_mode, own)
+    if own is not None:  # cRT: the head of the method's own classifier, retrained class-balanced
+        probe.head().load_state_dict(own.head_state(_own_classifier_state(stage1)))
     probe.to(device, memory_format(cfg))
     feed = ctx.train_feed(
         probe.feed_kind, c.batch_size, "classifier.batch_size", c.balanced, cfg.seed + 1
@@ -117,7 +117,8 @@ def keep_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
     """``classifier.mode=keep``: the method's own classifier as stage 1 left it becomes
     ``best.pt`` (its validation metrics logged); nothing is trained."""
     cfg = ctx.cfg
-    model = Classifier(build_backbone(cfg.model.backbone), ctx.splits.num_classes)
+    build = stage2_classifier(cfg.method, "keep")
+    model = build(build_backbone(cfg.model.backbone), ctx.splits.num_classes)
     model.load_state_dict(_own_classifier_state(stage1))
     model.to(ctx.device, memory_format=memory_format(cfg))
     metrics = evaluate_model(ctx, model, ctx.eval_batches(ctx.splits.val))
@@ -133,7 +134,7 @@ def keep_classifier(ctx: StageContext, stage1: dict[str, Any]) -> Path:
     return best_path
 
 
-def classifier_state(ctx: StageContext, model: Classifier, epoch: int, val: dict | None) -> dict:
+def classifier_state(ctx: StageContext, model: nn.Module, epoch: int, val: dict | None) -> dict:
     return {
         "kind": "classifier",
         "method": ctx.cfg.method,

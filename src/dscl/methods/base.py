@@ -64,6 +64,9 @@ class DataInfo:
 
 # a one-stage peer's views: its authors' own (``authors``) or the shared query and key (``stage1``)
 AUGMENTS = ("authors", "stage1")
+# BCL and PaCo trained on this project's query and key views before they had their own: their
+# runs saved before these settings existed read them so (their MethodSpec's ``added``)
+BEFORE_OWN_VIEWS = {"augment": "stage1", "randaugment_ops": 2, "randaugment_magnitude": 10}
 
 
 def check_augment(settings) -> None:

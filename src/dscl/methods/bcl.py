@@ -21,12 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dscl.data.named_views import SIMCLR_VIEW, randaugment_view
+from dscl.data.named_views import ViewSpec, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import BCLLoss
-from dscl.methods.base import VIEWS, Method, StepOutput, check_augment, method_backbone
+from dscl.methods.base import (
+    BEFORE_OWN_VIEWS,
+    VIEWS,
+    Method,
+    StepOutput,
+    check_augment,
+    method_backbone,
+)
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, ProjectionHead
+
+# SimCLR's views as BCL's authors use them (``augmentation_sim``): jitter (0.4, 0.4, 0.4, 0.1)
+# with p 0.8, grayscale p 0.2, no blur.
+SIMCLR_VIEW = ViewSpec(hue=0.1, p_jitter=0.8, p_gray=0.2)
 
 
 @dataclass
@@ -119,7 +130,14 @@ class BalancedContrastive(Method):
         return self.model.classifier
 
 
-@register_method("bcl", settings=BCLSettings, classifier="keep")
+@register_method(
+    "bcl",
+    settings=BCLSettings,
+    classifier="keep",
+    added=BEFORE_OWN_VIEWS,
+    checkpoint_keys=("model.embed_dim",),  # its two projection heads
+    order=2,
+)
 def build_bcl(cfg, data) -> BalancedContrastive:
     s = cfg.section("bcl")
     backbone = method_backbone(cfg)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from dscl import dist
 from dscl.errors import ConfigError
 from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss
-from dscl.methods.base import VIEWS, Method, StepOutput, method_backbone
+from dscl.methods.base import VIEWS, StepOutput, method_backbone
+from dscl.methods.momentum import MOMENTUM_KEYS, MomentumMethod
 from dscl.methods.registry import register_method, register_settings
 from dscl.models import ContrastiveModel
 
@@ -47,7 +47,7 @@ register_settings("dscl", DSCLSettings)
 register_settings("pbsd", PBSDSettings)
 
 
-class Contrastive(Method):
+class Contrastive(MomentumMethod):
     """Query encoder, momentum encoder and queue trained with a contrastive loss (+ PBSD).
 
     Each process computes the contrastive loss over the whole gathered batch; gathered queries
@@ -73,15 +73,11 @@ class Contrastive(Method):
         pbsd_weight: float,
         encoder_momentum: float,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, encoder_momentum)
         self.contrast, self.pbsd = contrast, pbsd
         if pbsd is None:  # the patches feed PBSD alone
             self.views = ("query", "key")
-        self.pbsd_weight, self.encoder_momentum = pbsd_weight, encoder_momentum
-        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # for the queue, after step
-
-    def start_training(self) -> None:
-        self.model.init_momentum_encoder()
+        self.pbsd_weight = pbsd_weight
 
     def step(self, batch) -> StepOutput:
         # B batch, W processes, D dim, K queue, L patches
@@ -104,15 +100,8 @@ class Contrastive(Method):
             pbsd = self.pbsd(out.teacher, out.student, out.key, queue.features, queue.valid)
             logs["loss_pbsd"] = pbsd.detach()
             loss = loss + self.pbsd_weight * pbsd
-        self._keys = (k_all, y_all)
+        self.hold_keys(k_all, y_all)
         return StepOutput(loss, logs)
-
-    def after_step(self) -> None:
-        self.model.follow_and_enqueue(self.encoder_momentum, *self._keys)
-        self._keys = None
-
-    def compile_targets(self) -> list[nn.Module]:
-        return [self.model.query_encoder.backbone, self.model.momentum_encoder.backbone]
 
     def backbone(self) -> nn.Module:
         return self.model.query_encoder.backbone
@@ -141,4 +130,6 @@ for _name, _decoupled, _with_pbsd in (
     ("dscl+pbsd", True, True),
 ):
     _uses = (("dscl",) if _decoupled else ()) + (("pbsd",) if _with_pbsd else ())
-    register_method(_name, sections=_uses)(_builder(_decoupled, _with_pbsd))
+    register_method(_name, sections=_uses, checkpoint_keys=MOMENTUM_KEYS, order=1)(
+        _builder(_decoupled, _with_pbsd)
+    )

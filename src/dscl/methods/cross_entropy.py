@@ -47,7 +47,7 @@ class CrossEntropy(Method):
         return self.model
 
 
-@register_method("ce", settings=CESettings, classifier="probe")
+@register_method("ce", settings=CESettings, classifier="probe", order=0)
 def build_cross_entropy(cfg, data) -> CrossEntropy:
     backbone = method_backbone(cfg)
     return CrossEntropy(backbone, data.num_classes, cfg.section("ce").label_smoothing)

@@ -20,12 +20,23 @@ import torch
 from torch import nn
 
 from dscl import dist
-from dscl.data.named_views import MOCO_VIEW, randaugment_view
+from dscl.data.named_views import ViewSpec, randaugment_view
 from dscl.errors import ConfigError
 from dscl.losses import PaCoLoss
-from dscl.methods.base import VIEWS, Method, StepOutput, check_augment, method_backbone
+from dscl.methods.base import (
+    BEFORE_OWN_VIEWS,
+    VIEWS,
+    StepOutput,
+    check_augment,
+    method_backbone,
+)
+from dscl.methods.momentum import MOMENTUM_KEYS, MomentumMethod
 from dscl.methods.registry import register_method
 from dscl.models import Classifier, ContrastiveModel
+
+# MoCo v2's views as PaCo's authors use them for the key: jitter (0.4, 0.4, 0.4, 0) always,
+# grayscale p 0.2, blur p 0.5.
+MOCO_VIEW = ViewSpec(hue=0.0, p_jitter=1.0, p_gray=0.2, p_blur=0.5)
 
 
 @dataclass
@@ -71,7 +82,7 @@ class PaCoModel(nn.Module):
         return query, key, self.classifier.fc(pooled)
 
 
-class ParametricContrastive(Method):
+class ParametricContrastive(MomentumMethod):
     """PaCo: queries against keys, queue and class centres; the centres are the classifier."""
 
     feed_kind = VIEWS
@@ -85,9 +96,8 @@ class ParametricContrastive(Method):
         augment: str = "stage1",
         randaugment=(2, 10),
     ) -> None:
-        super().__init__(model)
-        self.loss, self.encoder_momentum = loss, encoder_momentum
-        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(model, encoder_momentum)
+        self.loss = loss
         self.names = ("query", "key")
         if augment == "authors":  # the feed makes these two views and no standard one
             self.views = ()
@@ -97,9 +107,6 @@ class ParametricContrastive(Method):
             }
             self.names = ("paco_query", "paco_key")
 
-    def start_training(self) -> None:
-        self.model.contrastive.init_momentum_encoder()
-
     def step(self, batch) -> StepOutput:
         x = batch.inputs
         query, key, logits = self.net(x[self.names[0]], x[self.names[1]])
@@ -108,16 +115,11 @@ class ParametricContrastive(Method):
             query, key, batch.labels, queue.features, queue.labels, logits.float(), queue.valid
         )
         # the queue takes every process's keys; the loss stays per process, as the authors'
-        self._keys = (dist.all_gather(key), dist.all_gather(batch.labels))
+        self.hold_keys(dist.all_gather(key), dist.all_gather(batch.labels))
         return StepOutput(loss)
 
-    def after_step(self) -> None:
-        self.model.contrastive.follow_and_enqueue(self.encoder_momentum, *self._keys)
-        self._keys = None
-
-    def compile_targets(self) -> list[nn.Module]:
-        c = self.model.contrastive
-        return [c.query_encoder.backbone, c.momentum_encoder.backbone]
+    def momentum_model(self) -> nn.Module:
+        return self.model.contrastive
 
     def backbone(self) -> nn.Module:
         return self.model.classifier.backbone
@@ -126,7 +128,14 @@ class ParametricContrastive(Method):
         return self.model.classifier
 
 
-@register_method("paco", settings=PaCoSettings, classifier="keep")
+@register_method(
+    "paco",
+    settings=PaCoSettings,
+    classifier="keep",
+    added=BEFORE_OWN_VIEWS,
+    checkpoint_keys=MOMENTUM_KEYS,
+    order=3,
+)
 def build_paco(cfg, data) -> ParametricContrastive:
     s, p = cfg.section("paco"), cfg.pretrain
     backbone = method_backbone(cfg)
