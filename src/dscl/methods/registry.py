@@ -147,8 +147,9 @@ def register(spec: MethodSpec) -> MethodSpec:
                 raise ValueError(f"method {spec.name!r}: added setting {key!r} is not a setting")
     elif spec.added:
         raise ValueError(f"method {spec.name!r}: added settings need settings of its own")
-    for section in spec.sections:
-        if section not in _SHARED:
+    owned = {other.name for other in method_specs() if other.settings is not None}
+    for section in spec.sections:  # a shared section, or another method's own
+        if section not in _SHARED and section not in owned:
             raise ValueError(
                 f"method {spec.name!r}: settings section {section!r} is not registered"
             )
@@ -267,7 +268,7 @@ def _section_classes() -> dict[str, type]:
     for spec in method_specs():
         if spec.settings is not None:
             classes[spec.name] = spec.settings
-        classes.update((name, _SHARED[name]) for name in spec.sections)
+        classes.update((name, _SHARED[name]) for name in spec.sections if name in _SHARED)
     return classes | {name: cls for name, cls in _SHARED.items() if name not in classes}
 
 
