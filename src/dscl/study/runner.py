@@ -279,6 +279,23 @@ def _ignoring(signals: tuple[int, ...]) -> Callable[[], None]:
     return start_ignoring
 
 
+def _run_jobs(work: Callable[[int], None], jobs: int) -> None:
+    """``work(slot)`` for each of ``jobs`` slots: in this thread for one, else in threads joined
+    in short waits, so that a signal (KeyboardInterrupt) reaches this thread meanwhile."""
+    if jobs == 1:
+        work(0)
+        return
+    threads = [
+        threading.Thread(target=work, args=(i,), name=f"study-job-{i}", daemon=True)
+        for i in range(jobs)
+    ]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        for thread in threads:
+            thread.join(timeout=0.2)
+
+
 def run_cells(
     study: Study,
     cells: list[Cell],
@@ -359,18 +376,7 @@ def run_cells(
             progress.finish(cell, time.perf_counter() - start)
 
     try:
-        if jobs == 1:
-            work()
-        else:
-            threads = [
-                threading.Thread(target=work, args=(i,), name=f"study-job-{i}", daemon=True)
-                for i in range(jobs)
-            ]
-            for thread in threads:
-                thread.start()
-            while any(thread.is_alive() for thread in threads):
-                for thread in threads:
-                    thread.join(timeout=0.2)
+        _run_jobs(work, jobs)
     except BaseException:
         with lock:
             queue.clear()
