@@ -20,8 +20,10 @@ from dscl.data.draws import (
     request_plan,
     view_plan,
 )
-from dscl.data.named_views import MOCO_VIEW, SIMCLR_VIEW, randaugment_view
+from dscl.data.named_views import randaugment_view
 from dscl.data.views import ViewConfig, ViewRequest
+from dscl.methods.bcl import SIMCLR_VIEW
+from dscl.methods.paco import MOCO_VIEW
 
 CPU = torch.device("cpu")
 EXTRA = {"strong": randaugment_view(2, 10), "sim": SIMCLR_VIEW, "moco": MOCO_VIEW}
