@@ -52,7 +52,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dscl.config import LABEL_ORDER, VAL_SHORTFALL, DataConfig, check_choice
 from dscl.data.arrayfiles import read_cifar, read_fashion_mnist
 from dscl.data.imagesets import ArrayImageDataset, DataError, ImageFileDataset
 from dscl.data.listfiles import (
@@ -84,6 +83,7 @@ from dscl.data.splits import (
     skip_unreadable,
 )
 from dscl.data.synthetic import make_synthetic
+from dscl.settings import LABEL_ORDER, VAL_SHORTFALL, check_choice
 
 __all__ = ["DATASETS", "DataError", "DataSplits", "DatasetSpec", "build_splits", "build_splits_for"]
 
@@ -327,8 +327,9 @@ def build_splits(
     return splits
 
 
-def build_splits_for(data: DataConfig) -> DataSplits:
-    """The splits of a run's data settings (``RunConfig.data``): :func:`build_splits` with
+def build_splits_for(data: Any) -> DataSplits:
+    """The splits of a run's data settings (a ``dscl.config.DataConfig``, read by attribute):
+    :func:`build_splits` with
     every split setting of ``data`` and its ``extra`` mapping as the dataset's own settings."""
     return build_splits(
         data.name,

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from dscl.config import LABEL_ORDER
 from dscl.data.imagesets import DataError, ImageFileDataset
 from dscl.data.longtail import (
     balanced_holdout,
@@ -32,6 +31,7 @@ from dscl.data.longtail import (
     subsample_longtail,
 )
 from dscl.data.shots import ShotGroups
+from dscl.settings import LABEL_ORDER
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

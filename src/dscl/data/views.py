@@ -27,12 +27,12 @@ here.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from dscl.config import DataConfig
 from dscl.data.classifier_views import (
     ClassifierTrainTransform,
     EvalTransform,
@@ -124,10 +124,10 @@ class ViewConfig:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_data(cls, data: DataConfig) -> ViewConfig:
-        """The views of a run's data settings (``RunConfig.data``; the other fields keep their
-        defaults). A classmethod here, not a method of ``DataConfig``, because the config sits
-        below ``dscl.data`` and must not import torch."""
+    def from_data(cls, data: Any) -> ViewConfig:
+        """The views of a run's data settings (a ``dscl.config.DataConfig``, read by attribute;
+        the other fields keep their defaults). Here and not in the config, which stays free of
+        torch and sits above the data layer (it checks method names against their registry)."""
         return cls(
             view_size=data.image_size,
             patch_size=data.patch_size,

@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dscl import dist
-from dscl.config import FeedSettings
 from dscl.data.device_decode import DeviceDecoder, JpegBytes, collate_items
 from dscl.data.fileviews import EvalCrops, FileCrops, finish_batch, normalised_planes
 from dscl.data.imagesets import ImageFileDataset
@@ -43,6 +42,7 @@ from dscl.data.views import (
 from dscl.device_path import sync_free
 from dscl.errors import DataError, SetupError
 from dscl.methods.base import CLASSIFY, VIEWS
+from dscl.settings import FeedSettings
 
 # seconds a training loader with workers may go without a batch before the run stops: a worker
 # whose batch never arrives (its queue's feeder thread failed, e.g. "Too many open files", and the
