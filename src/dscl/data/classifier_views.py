@@ -15,7 +15,8 @@ from PIL import Image
 from torch import Tensor
 
 from dscl.data import crop_ops
-from dscl.data.crop_ops import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from dscl.data.crop_ops import IMAGENET_MEAN, IMAGENET_STD
+from dscl.data.draws import STANDARD, classifier_plan, draw_batch
 
 
 def _classifier_scale(view_size: int, scale: tuple[float, float] | None) -> tuple[float, float]:
@@ -51,11 +52,8 @@ class ClassifierTrainTransform:
         self, img: Image.Image | Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
         image = crop_ops.image_tensor(img)  # (3, H, W)
-        device = generator.device if generator is not None else torch.device("cpu")
-        box = crop_ops.draw_boxes(
-            1, image.shape[1], image.shape[2], self.scale, CROP_RATIO, generator, device
-        )[0]
-        flip = bool(crop_ops.draw_flips(1, generator, device)[0])
+        drawn = draw_batch(classifier_plan(self.scale), 1, *image.shape[1:], generator)[STANDARD]
+        box, flip = drawn["box"][0], bool(drawn["flip"][0])
         return crop_ops.normalise(
             crop_ops.crop_resize(image, box, self.view_size, flip), self.mean, self.std
         )
@@ -79,11 +77,8 @@ def batched_classifier_train(
     """
     settings = ClassifierTrainTransform(view_size, mean, std, scale)  # checked, defaults filled
     x = crop_ops.check_batch(images)  # (B, 3, H, W)
-    device = generator.device if generator is not None else torch.device("cpu")
-    boxes = crop_ops.draw_boxes(
-        x.shape[0], x.shape[2], x.shape[3], settings.scale, CROP_RATIO, generator, device
-    )
-    flips = crop_ops.draw_flips(x.shape[0], generator, device)
+    drawn = draw_batch(classifier_plan(settings.scale), x.shape[0], *x.shape[2:], generator)
+    boxes, flips = drawn[STANDARD]["box"], drawn[STANDARD]["flip"]
     views = crop_ops.resample_boxes(
         x, boxes[:, None].to(x.device), flips[:, None].to(x.device), view_size
     )[:, 0]  # (B, 3, S, S)
