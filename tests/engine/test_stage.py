@@ -51,6 +51,22 @@ def test_build_stage1_follows_the_config():
     assert build_stage1(ctx, all_views=True).feed.request == ALL_VIEWS
 
 
+def test_all_views_adds_the_standard_views_and_keeps_the_methods_own():
+    """A benchmark's every-view feed of a method with views of its own still makes them (a
+    method reading them would otherwise miss them: a KeyError in its step)."""
+    cfg = build_config(None, ["method=bcl", "model.backbone=resnet32", "pretrain.batch_size=8"])
+    images = make_synthetic([6, 6, 6, 6], 16, seed=0, stream=0)
+    view_cfg = ViewConfig(view_size=16, patch_size=8)
+    ctx = training_only_context(cfg, images, view_cfg, torch.device("cpu"), None)
+    parts = build_stage1(ctx, all_views=True)
+    own = parts.method.view_request().extra
+    assert own and parts.feed.request.extra == own
+    assert parts.feed.request.standard == ALL_VIEWS.standard
+    parts.method.start_training()
+    batch = next(iter(parts.feed.epoch(0)))
+    assert set(dict(own)) <= set(batch.inputs) and "patches" in batch.inputs
+
+
 def test_build_stage1_keeps_the_contiguous_format_when_asked():
     parts = build_stage1(supcon_context("pretrain.batch_size=8", "channels_last=false"))
     assert parts.opt.memory_format == torch.contiguous_format

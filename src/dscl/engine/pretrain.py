@@ -8,6 +8,7 @@ trains it with :func:`~dscl.engine.stage.train_stage`, writing ``pretrain.pt`` a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -36,22 +37,20 @@ def build_stage1(ctx: StageContext, *, all_views: bool = False) -> StageParts:
     data, on the device in the run's memory format (compiled with ``compile=true``), its feed
     with the views it reads, SGD with the warm-up + cosine schedule of ``cfg.pretrain``.
 
-    ``all_views`` makes every view, also those the method does not read (a benchmark's
-    comparison). The method is not yet started (:meth:`Method.start_training`): a resumed stage
-    loads its state instead.
+    ``all_views`` makes every standard view, also those the method does not read (a benchmark's
+    comparison), besides the method's own views. The method is not yet started
+    (:meth:`Method.start_training`): a resumed stage loads its state instead.
     """
     cfg, p, device = ctx.cfg, ctx.cfg.pretrain, ctx.device
     method = build_method(cfg, data_info(ctx))
     method.to(device, memory_format(cfg))
     if cfg.compile:
         runtime.compile_for_training(method.compile_targets(), device)
+    request = method.view_request()
+    if all_views:  # every standard view, and the method's own views still
+        request = dataclasses.replace(request, standard=ALL_VIEWS.standard)
     feed = ctx.train_feed(
-        method.feed_kind,
-        p.batch_size,
-        "pretrain.batch_size",
-        False,
-        cfg.seed,
-        ALL_VIEWS if all_views else method.view_request(),
+        method.feed_kind, p.batch_size, "pretrain.batch_size", False, cfg.seed, request
     )
     steps = feed.steps_per_epoch
     lr_at = runtime.warmup_cosine(p.base_lr * p.batch_size / 256, p.epochs, steps, p.warmup_epochs)
