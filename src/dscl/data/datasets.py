@@ -329,8 +329,8 @@ def build_splits(
 
 def build_splits_for(data: Any) -> DataSplits:
     """The splits of a run's data settings (a ``dscl.config.DataConfig``, read by attribute):
-    :func:`build_splits` with
-    every split setting of ``data`` and its ``extra`` mapping as the dataset's own settings."""
+    :func:`build_splits` with every split setting of ``data`` and its ``extra`` mapping as the
+    dataset's own settings."""
     return build_splits(
         data.name,
         data.root,

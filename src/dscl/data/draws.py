@@ -96,6 +96,10 @@ Plan = tuple[Draw, ...]
 # ---------------------------------------------------------------------------------- the plans
 
 
+# The geometric values of the standard views, in the order ViewParams and Draws hold them.
+GEOMETRY = ("query_box", "query_flip", "patch_boxes", "patch_flips", "key_box", "key_flip")
+
+
 def view_plan(cfg) -> Plan:
     """The draws of the standard views of ``cfg`` (a ``views.ViewConfig``), in order."""
     crop = {"scale": cfg.crop_scale, "ratio": cfg.crop_ratio}

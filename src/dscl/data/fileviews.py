@@ -34,6 +34,7 @@ from dscl.data.crop_ops import normalise
 from dscl.data.decode import decode_rgb
 from dscl.data.draws import (
     COLOR,
+    GEOMETRY,
     STANDARD,
     classifier_plan,
     colors_of,
@@ -112,15 +113,7 @@ def view_draws(drawn: dict, cfg: ViewConfig) -> Draws:
     """One image's standard-view parameters from ``draws.draw_image``'s values of its
     ``view_plan(cfg)``, the uniforms of the plan's colour steps stacked in plan order."""
     colors = [drawn[draw.name] for draw in view_plan(cfg) if draw.kind == COLOR]
-    return Draws(
-        drawn["query_box"],
-        drawn["query_flip"],
-        drawn["patch_boxes"],
-        drawn["patch_flips"],
-        drawn["key_box"],
-        drawn["key_flip"],
-        torch.cat(colors) if colors else None,
-    )
+    return Draws(*(drawn[name] for name in GEOMETRY), torch.cat(colors) if colors else None)
 
 
 def named_tensors(draw: dict) -> dict[str, Tensor]:

@@ -55,7 +55,15 @@ from dscl.data.crop_ops import (
     normalise,
     resample_boxes,
 )
-from dscl.data.draws import COLOR, STANDARD, colors_of, draw_batch, request_plan, view_plan
+from dscl.data.draws import (
+    COLOR,
+    GEOMETRY,
+    STANDARD,
+    colors_of,
+    draw_batch,
+    request_plan,
+    view_plan,
+)
 from dscl.data.named_views import NamedParams, ViewSpec, check_names, finish_named, named_params
 
 __all__ = [
@@ -265,15 +273,7 @@ def draw_view_params(
 def view_params(drawn: dict[str, Tensor], cfg: ViewConfig) -> ViewParams:
     """``ViewParams`` from ``draws.draw_batch``'s values of ``view_plan(cfg)``."""
     colors = [colors_of(draw, drawn[draw.name]) for draw in view_plan(cfg) if draw.kind == COLOR]
-    return ViewParams(
-        drawn["query_box"],
-        drawn["query_flip"],
-        drawn["patch_boxes"],
-        drawn["patch_flips"],
-        drawn["key_box"],
-        drawn["key_flip"],
-        *(colors or (None, None, None)),
-    )
+    return ViewParams(*(drawn[name] for name in GEOMETRY), *(colors or (None, None, None)))
 
 
 def draw_params(
