@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from dscl import runfiles
 from dscl.checkpoint import load_checkpoint
 from dscl.cli import main
 from dscl.config import config_from_dict
@@ -40,6 +41,9 @@ def test_run_writes_every_file(finished_run: Path):
     ):
         assert (finished_run / name).is_file(), name
     assert any((finished_run / "tensorboard").iterdir())
+    # --overwrite removes what runfiles.RUN_FILES names: it must name every file a run writes
+    written = {p.name for p in finished_run.iterdir()} - {runfiles.TENSORBOARD}
+    assert written <= set(runfiles.RUN_FILES), written - set(runfiles.RUN_FILES)
     summary = json.loads((finished_run / "data_summary.json").read_text())
     assert summary["train"]["counts"] == metrics_counts(finished_run)
     metrics = json.loads((finished_run / "metrics.json").read_text())

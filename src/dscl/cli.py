@@ -23,19 +23,6 @@ from dscl.errors import RunFolderError
 from dscl.plugins import load_entry_points
 from dscl.study import add_study_parser, cmd_study
 
-RUN_FILES = (
-    runfiles.PRETRAIN,
-    runfiles.LAST,
-    runfiles.BEST,
-    runfiles.METRICS,
-    runfiles.TRAIN_LOG,
-    runfiles.REPORT,
-    runfiles.CONFIG,
-    runfiles.DATA_SUMMARY,
-    runfiles.PRETRAIN_PREV,
-    runfiles.LAST_PREV,
-)
-
 
 class _IntermixedParser(argparse.ArgumentParser):
     """A subcommand's parser whose options and positional arguments may come in any order.
@@ -214,7 +201,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     # Under torchrun only rank 0 clears the folder (the process group does not exist yet, so read
     # the rank from the environment): another rank deleting files could remove rank 0's new log.
     if overwrite and not resume and os.environ.get("RANK", "0") == "0":
-        for name in RUN_FILES:
+        for name in runfiles.RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / runfiles.TENSORBOARD, ignore_errors=True)
 

@@ -44,6 +44,20 @@ def previous_name(name: str) -> str:
 
 PRETRAIN_PREV = previous_name(PRETRAIN)
 LAST_PREV = previous_name(LAST)
+# Every file a run writes into its folder (besides the TENSORBOARD folder): what ``--overwrite``
+# removes, so that nothing of the run it replaces is left to be read as part of the new one.
+RUN_FILES = (
+    PRETRAIN,
+    LAST,
+    BEST,
+    METRICS,
+    TRAIN_LOG,
+    REPORT,
+    CONFIG,
+    DATA_SUMMARY,
+    PRETRAIN_PREV,
+    LAST_PREV,
+)
 
 # How far a run got (:attr:`RunState.stage`), read from the files of its folder alone
 ABSENT = "absent"  # no run folder
