@@ -400,3 +400,12 @@ def test_a_setting_added_since_is_read_at_the_value_the_old_run_had():
             assert key in {f.name for f in dataclasses.fields(settings_class(group))}, dotted
         else:
             assert key in now[group], dotted
+
+
+def test_a_setting_neither_config_has_is_no_difference():
+    """Comparing given keys, one that neither side has (a key another method's checkpoint has)
+    is no difference; one that only one side has is."""
+    from dscl.config import first_difference
+
+    assert first_difference({"a": 1}, {"a": 1}, set(), keys=("x.y", "a")) is None
+    assert first_difference({"a": 1}, {"a": 1, "x": {"y": 2}}, set(), keys=("x.y",)).key == "x.y"

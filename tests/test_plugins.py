@@ -123,6 +123,7 @@ def test_a_module_plugin_and_the_overrides_plugins_replace_the_files(tmp_path, f
     ("plugin", "fragments"),
     [
         ("gone.py", ["plugins: ", "gone.py: plugin file not found"]),
+        ("folder.py", ["plugins: ", "folder.py: is not a file"]),
         ("no_such_plugin_module", ["plugins: no_such_plugin_module: module not found"]),
         ("dscl.no_such_part", ["plugins: dscl.no_such_part: module not found"]),
         (
@@ -144,6 +145,7 @@ def test_a_broken_plugin_is_a_one_line_error(tmp_path, capsys, monkeypatch, plug
     )
     (tmp_path / "needs.py").write_text("import gone_dependency\n")
     (tmp_path / "syntax.py").write_text("x = 1\ny = (\n")
+    (tmp_path / "folder.py").mkdir()
     monkeypatch.chdir(tmp_path)
     args = ["run", f"output_dir={tmp_path}", f"plugins=[{plugin}]", "method=ce"]
     assert main(args) == 2
@@ -365,3 +367,18 @@ def test_export_imports_the_plugins_its_checkpoint_names(tmp_path):
     out = dscl("export", "--checkpoint", "pretrain.pt", "--output", "tiny.pt", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert f"pretrain.pt: plugins: {plugin}: plugin file not found" in out.stderr
+
+
+def test_a_moved_plugin_the_checkpoint_does_not_need_is_a_warning(tmp_path):
+    """A checkpoint whose method and backbone are built in still exports when a plugin its run
+    named has moved since: one warning line, the weights written."""
+    from dscl.models import build_backbone
+
+    weights = build_backbone("resnet32").state_dict()
+    config = {"model": {"backbone": "resnet32"}, "plugins": [str(tmp_path / "gone.py")]}
+    state = {"kind": "pretrain", "method": "ce", "config": config, "backbone": weights}
+    torch.save(state, tmp_path / "pretrain.pt")
+    out = dscl("export", "--checkpoint", "pretrain.pt", "--output", "r32.pt", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("\n") == 1 and "warning" in out.stderr and "gone.py" in out.stderr
+    assert torch.load(tmp_path / "r32.pt", weights_only=True).keys() == weights.keys()

@@ -746,14 +746,15 @@ def test_committed_results_alone_aggregate_and_a_changed_one_is_refused(tmp_path
     with pytest.raises(ConfigError) as caught:
         run_study(str(path), report_only=True)
     message = str(caught.value)
-    assert str(committed / "method-ce_seed-0") in message and "committed results" in message
+    assert message.startswith(f"{committed / 'method-ce_seed-0'}: committed results"), message
     assert "pretrain.epochs=25" in message and "pretrain.epochs=7" in message
     assert main(["study", "--config", str(path), "--report-only"]) == 2
     # a committed metrics.json without its config is an error too, not a finished cell
     write_study(tmp_path, axes=axes, baseline={"method": "ce"})
     (committed / "method-ce_seed-0" / "config.yaml").unlink()
-    with pytest.raises(ConfigError, match="lack a readable config.yaml"):
+    with pytest.raises(ConfigError, match="lack a readable config.yaml") as caught:
         run_study(str(path), report_only=True)
+    assert str(caught.value).startswith(f"{committed / 'method-ce_seed-0'}: committed results")
 
 
 def test_results_given_to_one_run_is_not_written_into_the_study_file(tmp_path: Path):

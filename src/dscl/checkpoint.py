@@ -131,10 +131,24 @@ def read_stage1(path: str | Path, cfg: Any, *, resume: bool = False) -> dict[str
 
 def import_plugins(state: dict[str, Any], path: str | Path) -> None:
     """Import the plugins the checkpoint's run named (its backbone may come from one), for the
-    commands that read a checkpoint without a config of their own (predict, export)."""
+    commands that read a checkpoint without a config of their own (predict, export).
+
+    A plugin that cannot be imported (its file moved since) stops the command only where the
+    checkpoint needs it: when its method and backbone are registered without it, the failure is
+    a warning on stderr and the command goes on.
+    """
+    from dscl.methods import method_names
+    from dscl.models import list_backbones
     from dscl.plugins import load
 
-    load(state.get("config", {}).get("plugins") or [], key=f"{path}: plugins")
+    saved = state.get("config", {})
+    try:
+        load(saved.get("plugins") or [], key=f"{path}: plugins")
+    except ConfigError as err:
+        backbone = saved.get("model", {}).get("backbone")
+        if state.get("method") not in method_names() or backbone not in list_backbones():
+            raise
+        print(f"dscl: warning: {err}; its method and backbone need none", file=sys.stderr)
 
 
 def read_classifier(path: str | Path, cfg: Any | None = None):

@@ -753,6 +753,8 @@ def first_difference(
         if key in ignore:
             continue
         a, b = flat_saved.get(key, ABSENT), flat_now.get(key, ABSENT)
+        if a is ABSENT and b is ABSENT:  # a setting neither has: no difference
+            continue
         if a is ABSENT or b is ABSENT or not same_value(a, b):
             return Difference(key, a, b)
     return None

@@ -25,8 +25,10 @@ type, its message and the plugin's file:line where it was raised).
 computes is fixed by its method and settings, which are compared; where the code of the method
 lives is not, any more than the commit of dscl's own methods is. A run resumes, and a study cell
 is recognised, whichever way its plugins are written (relative or resolved) or wherever the file
-has moved; each file's sha256 is recorded beside the commit in the run's checkpoints
-(:func:`file_digests`).
+has moved to (named there); each file's sha256 is recorded beside the commit in the run's
+checkpoints (:func:`file_digests`). A command that reads a checkpoint without a config (predict,
+export) imports the plugins it names; one that has moved is a warning where the checkpoint's method
+and backbone need none (``dscl.checkpoint.import_plugins``).
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def _import_file(path: Path, key: str) -> None:
     if name in sys.modules:
         return
     if not path.is_file():
-        raise ConfigError(f"{key}: {path}: plugin file not found")
+        what = "is not a file" if path.exists() else "plugin file not found"
+        raise ConfigError(f"{key}: {path}: {what}")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"{key}: {path}: not a Python file")

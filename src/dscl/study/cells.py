@@ -82,7 +82,7 @@ def cell_state(study: Study, cell: Cell) -> str:
         saved = committed.config
         if saved is None or not committed.finished:
             raise ConfigError(
-                f"{committed}: committed results of cell {cell.name} lack a readable "
+                f"{committed.folder}: committed results of cell {cell.name} lack a readable "
                 "config.yaml or test metrics.json; restore them from the repository or move the "
                 "folder away to run the cell again"
             )
@@ -90,7 +90,7 @@ def cell_state(study: Study, cell: Cell) -> str:
         if diff is None:
             return FINISHED
         raise ConfigError(
-            f"{committed}: committed results of cell {cell.name} were made with "
+            f"{committed.folder}: committed results of cell {cell.name} were made with "
             f"{diff.key}={_shown(diff.saved)}, the study now gives {diff.key}={_shown(diff.now)}; "
             "restore the study file, give the study a new name, or move that folder away to run "
             "the cell again (a cell is never reinterpreted)"
