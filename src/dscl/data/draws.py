@@ -89,6 +89,10 @@ class Draw:
     def per_image(self) -> int:
         return 1 if self.count is None else self.count
 
+    def frame_of(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) its boxes lie in, for an image of height×width."""
+        return (height, width) if self.frame is None else (self.frame, self.frame)
+
 
 Plan = tuple[Draw, ...]
 
@@ -184,8 +188,7 @@ def draw_batch(
     for draw in plan:
         value = _uniforms(draw, n * draw.per_image, generator, device)
         if draw.kind == BOXES:
-            frame = (height, width) if draw.frame is None else (draw.frame, draw.frame)
-            value = boxes_of(value, *frame, draw.scale, draw.ratio)
+            value = boxes_of(value, *draw.frame_of(height, width), draw.scale, draw.ratio)
         elif draw.kind == FLIPS:
             value = value < P_FLIP
         if draw.count is not None:
@@ -229,7 +232,7 @@ def _image_boxes(
         mine = [(draw, u.tolist()) for draw, u in drawn if draw.group == group]
         aspects = _aspects([(rows, draw.ratio) for draw, rows in mine])
         for (draw, rows), aspect in zip(mine, aspects, strict=True):
-            frame = (height, width) if draw.frame is None else (draw.frame, draw.frame)
+            frame = draw.frame_of(height, width)
             out[group, draw.name] = _boxes(rows, aspect, *frame, draw.scale, draw.ratio)
     return out
 
