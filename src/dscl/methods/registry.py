@@ -223,6 +223,11 @@ def method_sections(name: str) -> tuple[str, ...]:
     return method_spec(name).uses() if name in _METHODS else ()
 
 
+def _own_classifier(method: str) -> ClassifierSpec | None:
+    """The classifier of method ``method``'s own (None for none, or for an unknown method)."""
+    return method_spec(method).classifier if method in _METHODS else None
+
+
 def classifier_mode(method: str, mode: str) -> str:
     """What stage 2 does for ``method`` under ``classifier.mode=mode``: ``probe`` (a new linear
     layer on the frozen backbone), ``keep`` (the method's own classifier, evaluated as it is) or
@@ -233,7 +238,7 @@ def classifier_mode(method: str, mode: str) -> str:
     """
     if mode not in CLASSIFIER_MODES:
         raise ConfigError(f"classifier.mode: {mode!r} is not one of {', '.join(CLASSIFIER_MODES)}")
-    own = method_spec(method).classifier if method in _METHODS else None
+    own = _own_classifier(method)
     if mode == "auto":
         return own.auto if own is not None else "probe"
     if mode in ("keep", "retrain") and own is None:
@@ -255,7 +260,7 @@ def stage2_classifier(method: str, mode: str) -> Callable[[nn.Module, int], nn.M
     """
     if mode not in ("keep", "retrain"):
         return Classifier
-    own = method_spec(method).classifier if method in _METHODS else None
+    own = _own_classifier(method)
     if own is None:
         raise ConfigError(f"classifier.mode: {mode} of method {method}, which has no classifier")
     return own.build
