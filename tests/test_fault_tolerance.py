@@ -298,6 +298,34 @@ def test_mid_epoch_resume_is_exact_on_the_per_sample_path(tmp_path: Path, monkey
     assert_same_checkpoint(a, b, ("ranks",))  # fails: ranks/0/rng/torch
 
 
+def test_a_resume_on_other_hardware_says_so_and_logs_it(tmp_path: Path, monkeypatch, capsys):
+    """The run goes on (its numbers cannot be those of an uninterrupted run), with a warning on
+    the terminal and a record in train_log.jsonl naming both machines; a resume on the same
+    hardware logs nothing of the kind."""
+    args = tiny(tmp_path, "pretrain.save_every_steps=1")
+    for name in ("same", "moved"):
+        with monkeypatch.context() as patch:
+            interrupt_at(patch, "views", 1)
+            assert main(["pretrain", "--name", name, *args]) == EXIT_INTERRUPTED
+    path = tmp_path / "moved" / "pretrain.pt"
+    state = load_checkpoint(path)
+    here = state["ranks"][0]["hardware"]
+    assert here["processor"] and here["threads"] == 1
+    state["ranks"][0]["hardware"] = {"processor": "Another CPU", "threads": 7}
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(["pretrain", "--name", "same", "--resume", *args]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert not [r for r in log_records(tmp_path / "same") if "resumed_on" in r]
+    assert main(["pretrain", "--name", "moved", "--resume", *args]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this checkpoint was written on Another CPU, 7 threads" in err
+    assert f"resumes on {here['processor']}, 1 thread:" in err
+    (record,) = [r for r in log_records(tmp_path / "moved") if "resumed_on" in r]
+    assert record["written_on"] == {"processor": "Another CPU", "threads": 7}
+    assert record["resumed_on"] == here and (record["epoch"], record["step"]) == (0, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. dscl run: SIGKILL in stage 2; resumed between the stages; killed during the test evaluation
 

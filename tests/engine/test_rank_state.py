@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dscl.engine import runtime
-from dscl.engine.stage import rank_states, restore_rank_state
+from dscl.engine.stage import moved_hardware, rank_states, restore_rank_state
 from dscl.errors import CheckpointError
 
 CPU = torch.device("cpu")
@@ -73,10 +73,32 @@ def test_rng_state_on_a_cpu_is_torch_and_python_only(monkeypatch):
     assert not written
 
 
-def test_rank_states_record_the_device_type():
+def test_rank_states_record_the_device_type_and_the_hardware():
     feed = SimpleNamespace(device=CPU, position=lambda: torch.Generator().get_state())
     (mine,) = rank_states(feed)
     assert mine["device"] == "cpu" and mine["rng"].keys() == {"torch", "python"}
+    assert mine["hardware"] == runtime.hardware(CPU)
+    assert mine["hardware"]["threads"] == torch.get_num_threads()
+
+
+def test_hardware_names_the_gpu_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    hw = runtime.hardware(torch.device("cuda", 0))
+    assert hw["processor"] == "NVIDIA H100"
+    assert runtime.hardware_text(hw) == f"NVIDIA H100, {torch.get_num_threads()} thread" + (
+        "" if torch.get_num_threads() == 1 else "s"
+    )
+
+
+def test_a_checkpoint_from_other_hardware_is_told_apart():
+    """Another processor or another thread count is a move; the same hardware, or a checkpoint
+    that does not say (older versions), is not."""
+    here = runtime.hardware(CPU)
+    assert moved_hardware(_checkpoint(None, hardware=here), CPU) is None
+    assert moved_hardware(_checkpoint(None), CPU) is None
+    for other in ({"processor": "Another CPU"}, {"threads": here["threads"] + 1}):
+        saved = here | other
+        assert moved_hardware(_checkpoint(None, hardware=saved), CPU) == (saved, here)
 
 
 def _checkpoint(position: torch.Tensor | None, **device) -> dict:

@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from dscl import dist, runfiles
-from dscl.cpuinfo import cpu_flags
+from dscl.cpuinfo import cpu_flags, cpu_model
 from dscl.errors import SetupError
 
 
@@ -174,6 +175,23 @@ def set_threads(threads: int | None) -> None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = max(1, (os.cpu_count() or 1) // local)
     torch.set_num_threads(threads)
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    """What a process trains on, as far as it shapes a run's digits: the GPU's name on a GPU,
+    else the CPU's model, and the number of threads torch uses (the same run gives other digits
+    on another CPU or with another thread count)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_model() or platform.processor() or "unknown CPU"
+    return {"processor": name, "threads": torch.get_num_threads()}
+
+
+def hardware_text(hw: dict[str, Any]) -> str:
+    """``hardware(...)`` in words: "AMD EPYC, 2 threads"."""
+    threads = hw.get("threads")
+    return f"{hw.get('processor')}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def seed_everything(seed: int) -> None:

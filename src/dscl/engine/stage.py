@@ -35,12 +35,13 @@ def check_interval(ctx) -> int:
 def rank_states(feed: TrainFeed) -> list[dict]:
     """Every process's RNG state and augmentation position, for rank 0 to save, each with the
     type of device it was made on ("cpu", "cuda"): a position is a generator state of that
-    device type and fits no other."""
+    device type and fits no other; and the hardware it trained on (:func:`runtime.hardware`)."""
     return dist.gather_objects(
         {
             "rng": runtime.rng_state(feed.device),
             "feed": feed.position(),
             "device": feed.device.type,
+            "hardware": runtime.hardware(feed.device),
         }
     )
 
@@ -139,7 +140,31 @@ def resume_stage(
     ctx.logger.info(
         f"resuming {plan.label} from {plan.checkpoint} at epoch {epoch + 1}, step {batch + 1}"
     )
+    moved = moved_hardware(state, parts.feed.device)
+    if moved is not None:  # said on the terminal, and kept in the run's log for good
+        saved, now = moved
+        ctx.logger.info(
+            f"warning: this checkpoint was written on {runtime.hardware_text(saved)} and the "
+            f"run resumes on {runtime.hardware_text(now)}: it goes on, but its numbers will "
+            f"not equal an uninterrupted run's on either"
+        )
+        step = epoch * parts.feed.steps_per_epoch + batch
+        record = {"stage": plan.log_stage, "epoch": epoch, "step": step}
+        ctx.logger.log(record | {"written_on": saved, "resumed_on": now})
     return epoch, batch, position
+
+
+def moved_hardware(state: dict[str, Any], device: torch.device) -> tuple[dict, dict] | None:
+    """``(saved, now)`` when this process resumes a checkpoint its rank wrote on other hardware
+    (another CPU or GPU model, another thread count: :func:`runtime.hardware`), else None. The
+    run goes on, but its digits from there are not those of an uninterrupted run on either."""
+    ranks = state.get("ranks") or []
+    rank = dist.get_rank()
+    saved = ranks[rank].get("hardware") if rank < len(ranks) else None
+    if saved is None:  # older checkpoints do not say
+        return None
+    now = runtime.hardware(device)
+    return None if saved == now else (saved, now)
 
 
 def train_stage(
