@@ -201,6 +201,10 @@ AXES = {"method": ["ce", "dscl"], "seed": [0, 1]}
         ({"axes": AXES, "baseline": {"method": "supcon"}}, ["baseline.method", "supcon"]),
         ({"axes": AXES, "baseline": {"dscl.beta": 8}}, ["baseline.dscl.beta"]),
         ({"axes": AXES, "baseline": {"seed": 0}}, ["baseline.seed"]),
+        ({"axes": AXES, "baseline": []}, ["baseline: need a mapping", "or a list"]),
+        ({"axes": AXES, "baseline": [{"method": "ce"}, "dscl"]}, ["baseline[1]: need"]),
+        ({"axes": AXES, "baseline": [{"method": "ce"}, {"method": "x"}]}, ["baseline[1].method"]),
+        ({"axes": AXES, "baseline": [{"method": "ce"}] * 2}, ["baseline[1]: the same", "twice"]),
         ({"axes": {"method": ["ce"], "seed": []}}, ["axes.seed", "empty axis"]),
         ({"axes": {"method": "ce"}}, ["axes.method", "list"]),
         ({"axes": {"seed": [0, 0]}}, ["axes.seed", "twice"]),
@@ -373,6 +377,39 @@ def test_pairs_match_every_axis_outside_the_baseline(tmp_path: Path):
     assert low["top1"]["values"] == [1.0, 3.0] and high["top1"]["values"] == [10.0, 6.0]
     assert high["top1"]["mean"] == pytest.approx(8.0)
     assert high["top1"]["std"] == pytest.approx(math.sqrt(8.0))
+
+
+def test_each_baseline_has_its_paired_table(tmp_path: Path):
+    """``baseline`` as a list: differences against each in turn; a later table leaves out the
+    earlier baselines (their rows would be negations of rows above)."""
+    path = write_study(
+        tmp_path,
+        axes={"method": ["ce", "dscl", "bcl"], "seed": [0, 1, 2]},
+        baseline=[{"method": "ce"}, {"method": "dscl"}],
+    )
+    study = load_study(path)
+    assert study.baselines == [{"method": "ce"}, {"method": "dscl"}]
+    assert study.baseline == {"method": "ce"}
+    assert load_study(path).to_yaml() == study.to_yaml()
+    assert yaml.safe_load(study.to_yaml())["baseline"] == [{"method": "ce"}, {"method": "dscl"}]
+    top1 = {"ce": [50.0, 52.0, 54.0], "dscl": [53.0, 52.0, 58.0], "bcl": [55.0, 51.0, 60.0]}
+    for cell in study.cells:
+        fabricate(study, cell, top1[cell.settings["method"]][cell.settings["seed"]])
+    results = aggregate(study, {c.name: cell_state(study, c) for c in study.cells})
+    rows = [(r["settings"]["method"], r["against"]["method"]) for r in results["paired"]]
+    assert rows == [("dscl", "ce"), ("bcl", "ce"), ("bcl", "dscl")]
+    assert results["paired"][1]["top1"]["values"] == [5.0, -1.0, 6.0]
+    assert results["paired"][2]["top1"]["values"] == [2.0, -1.0, 2.0]
+    assert results["paired"][2]["pairs"][0] == ["method-bcl_seed-0", "method-dscl_seed-0"]
+    assert results["baselines"] == study.baselines
+    page = write_results(study, results).read_text()
+    ce_table = page.index("## Paired differences against method=ce")
+    dscl_table = page.index("## Paired differences against method=dscl")
+    assert ce_table < dscl_table
+    assert "Not repeated: method=ce, whose row would be the negation of one above." in page
+    assert page.count("| bcl | 3 |") == 3  # accuracy, against ce, against dscl
+    assert "| bcl | 3 | +1.00 ± 1.73 [-3.30, +5.30] |" in page[dscl_table:]
+    assert "| dscl | 3 |" not in page[dscl_table:]
 
 
 # ---------------------------------------------------------------- changes, shards, flags

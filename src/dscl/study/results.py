@@ -45,18 +45,18 @@ def _setting_values(study: Study, cell: Cell) -> dict[str, Any]:
     return {k: v for k, v in cell.settings.items() if k != study.seed_axis}
 
 
-def _is_baseline(study: Study, settings: dict[str, Any]) -> bool:
-    assert study.baseline is not None
-    return all(value_text(settings[k]) == value_text(v) for k, v in study.baseline.items())
+def _is_baseline(baseline: dict[str, Any], settings: dict[str, Any]) -> bool:
+    return all(value_text(settings[k]) == value_text(v) for k, v in baseline.items())
 
 
-def _partner(study: Study, cell: Cell, by_coords: dict[tuple[int, ...], Cell]) -> Cell:
-    """The baseline cell paired with ``cell``: baseline values, everything else the same."""
-    assert study.baseline is not None
+def _partner(
+    study: Study, baseline: dict[str, Any], cell: Cell, by_coords: dict[tuple[int, ...], Cell]
+) -> Cell:
+    """The ``baseline`` cell paired with ``cell``: baseline values, everything else the same."""
     coords = list(cell.coords)
     for position, key in enumerate(study.axes):
-        if key in study.baseline:
-            wanted = value_text(study.baseline[key])
+        if key in baseline:
+            wanted = value_text(baseline[key])
             coords[position] = [value_text(v) for v in study.axes[key]].index(wanted)
     return by_coords[tuple(coords)]
 
@@ -67,8 +67,9 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict with ``cells`` (per cell: settings, finished, metrics, wall
         time), ``settings`` (per setting: n, seeds, mean/std/values of each metric and the mean
-        per-class accuracy), ``paired`` (per non-baseline setting and metric: pairs, mean, std,
-        95% interval or None) and ``missing`` (names of unfinished cells).
+        per-class accuracy), ``paired`` (per baseline in order, for each setting that is
+        neither that baseline nor an earlier one, named by ``against``; per metric: pairs,
+        mean, std, 95% interval or None) and ``missing`` (names of unfinished cells).
     """
     metrics: dict[str, dict] = {}
     cells_out = []
@@ -105,28 +106,14 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
         settings_out.append(row)
 
     paired_out = []
-    if study.baseline is not None:
-        by_coords = {cell.coords: cell for cell in study.cells}
+    by_coords = {cell.coords: cell for cell in study.cells}
+    for number, baseline in enumerate(study.baselines):
+        earlier = study.baselines[:number]  # their rows against this one are negations
         for cells in groups.values():
             settings = _setting_values(study, cells[0])
-            if _is_baseline(study, settings):
+            if any(_is_baseline(b, settings) for b in (*earlier, baseline)):
                 continue
-            pairs = [(c, _partner(study, c, by_coords)) for c in cells]
-            pairs = [(a, b) for a, b in pairs if a.name in metrics and b.name in metrics]
-            row = {"settings": settings, "against": dict(study.baseline)}
-            row["pairs"] = [[a.name, b.name] for a, b in pairs]
-            for key in METRICS:
-                diffs = [
-                    metrics[a.name][key] - metrics[b.name][key]
-                    for a, b in pairs
-                    if metrics[a.name].get(key) is not None and metrics[b.name].get(key) is not None
-                ]
-                interval = t_interval(diffs, CONFIDENCE)
-                row[key] = summarize(diffs) | {
-                    "ci95": None if interval is None else list(interval),
-                    "values": diffs,
-                }
-            paired_out.append(row)
+            paired_out.append(_paired_row(study, baseline, cells, by_coords, metrics))
 
     return {
         "study": study.name,
@@ -135,6 +122,7 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
         "axes": study.axes,
         "seed_axis": study.seed_axis,
         "baseline": study.baseline,
+        "baselines": study.baselines,
         "finished": len(metrics),
         "total": len(study.cells),
         "missing": [c.name for c in study.cells if c.name not in metrics],
@@ -142,6 +130,33 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
         "paired": paired_out,
         "cells": cells_out,
     }
+
+
+def _paired_row(
+    study: Study,
+    baseline: dict[str, Any],
+    cells: list[Cell],
+    by_coords: dict[tuple[int, ...], Cell],
+    metrics: dict[str, dict],
+) -> dict[str, Any]:
+    """One setting's cells minus their ``baseline`` partners, per metric: pairs, mean, std,
+    95% interval (None with fewer than two pairs) and the differences."""
+    pairs = [(c, _partner(study, baseline, c, by_coords)) for c in cells]
+    pairs = [(a, b) for a, b in pairs if a.name in metrics and b.name in metrics]
+    row = {"settings": _setting_values(study, cells[0]), "against": dict(baseline)}
+    row["pairs"] = [[a.name, b.name] for a, b in pairs]
+    for key in METRICS:
+        diffs = [
+            metrics[a.name][key] - metrics[b.name][key]
+            for a, b in pairs
+            if metrics[a.name].get(key) is not None and metrics[b.name].get(key) is not None
+        ]
+        interval = t_interval(diffs, CONFIDENCE)
+        row[key] = summarize(diffs) | {
+            "ci95": None if interval is None else list(interval),
+            "values": diffs,
+        }
+    return row
 
 
 def _per_class_mean(runs: list[dict]) -> dict | None:
@@ -328,8 +343,8 @@ def results_markdown(
     axes = [k for k in study.axes if k != study.seed_axis]
     out = _md_head(study, results, findings)
     out += _md_accuracy(study, results, axes)
-    if study.baseline is not None:
-        out += _md_paired(study, results, axes)
+    for baseline in study.baselines:
+        out += _md_paired(study, baseline, results, axes)
     if with_figure:
         out += [
             "## Figure",
@@ -377,10 +392,12 @@ def _md_accuracy(study: Study, results: dict[str, Any], axes: list[str]) -> list
     return [*out, *_table(header, rows), ""]
 
 
-def _md_paired(study: Study, results: dict[str, Any], axes: list[str]) -> list[str]:
-    """The table of paired differences against the baseline, with their intervals."""
-    against = ", ".join(f"{k}={value_text(v)}" for k, v in study.baseline.items())
-    others = [k for k in study.axes if k not in study.baseline]
+def _md_paired(
+    study: Study, baseline: dict[str, Any], results: dict[str, Any], axes: list[str]
+) -> list[str]:
+    """The table of paired differences against ``baseline``, with their intervals."""
+    against = ", ".join(f"{k}={value_text(v)}" for k, v in baseline.items())
+    others = [k for k in study.axes if k not in baseline]
     out = [f"## Paired differences against {against} (percentage points)", ""]
     out.append(
         "Each cell minus the baseline cell with the same "
@@ -388,10 +405,18 @@ def _md_paired(study: Study, results: dict[str, Any], axes: list[str]) -> list[s
         + f"; mean ± sample std over pairs and the {CONFIDENCE:.0%} Student-t interval "
         "[low, high] (none with a single pair)."
     )
+    earlier = study.baselines[: study.baselines.index(baseline)]
+    if earlier:
+        names = " and ".join(
+            ", ".join(f"{k}={value_text(v)}" for k, v in b.items()) for b in earlier
+        )
+        out[-1] += f" Not repeated: {names}, whose row would be the negation of one above."
     out.append("")
     header = [*axes, "pairs", *(f"Δ {LABELS[k]}" for k in METRICS)]
     rows = []
     for row in results["paired"]:
+        if row.get("against", study.baseline) != baseline:
+            continue
         values = [value_text(row["settings"][k]) for k in axes]
         pairs = str(len(row["pairs"]))
         rows.append([*values, pairs, *(_fmt_paired(row[k]) for k in METRICS)])

@@ -11,7 +11,9 @@ A study file is YAML with these top-level keys (any other key is an error)::
     axes:                             # required; every combination of values is one cell
       method: [ce, dscl]
       seed: [0, 1, 2]
-    baseline: {method: ce}            # optional; paired differences are taken against it
+    baseline: {method: ce}            # optional; paired differences are taken against it; a
+                                      # list ([{method: ce}, {method: dscl}]) gives one table
+                                      # of paired differences per baseline
     results: results/tail_study       # optional; where finished cells are collected (default
                                       # results/<name>, relative to where the study runs)
     compare: [tail_study_short]       # optional; studies of other stage-1 budgets to plot against
@@ -98,7 +100,7 @@ class Study:
     overrides: dict[str, Any]  # as written, output_dir included
     override_texts: tuple[str, ...]  # passed to every cell (output_dir excluded)
     axes: dict[str, list[Any]]
-    baseline: dict[str, Any] | None
+    baselines: list[dict[str, Any]]  # paired differences are taken against each, in order
     study_dir: Path
     cells: list[Cell]
     results_dir: Path  # where this invocation reads and writes the results (``--results`` moves it)
@@ -107,6 +109,11 @@ class Study:
     launcher: Launcher | None = None  # the study file's launcher section, if any
     launcher_as_written: dict[str, Any] | None = None
     plugins: list[str] = field(default_factory=list)  # every cell's, resolved (base's included)
+
+    @property
+    def baseline(self) -> dict[str, Any] | None:
+        """The first baseline (the one the study is mainly read against), if any."""
+        return self.baselines[0] if self.baselines else None
 
     @property
     def seed_axis(self) -> str | None:
@@ -124,8 +131,10 @@ class Study:
         if self.overrides:
             data["overrides"] = dict(self.overrides)
         data["axes"] = {key: list(values) for key, values in self.axes.items()}
-        if self.baseline is not None:
-            data["baseline"] = dict(self.baseline)
+        if len(self.baselines) == 1:
+            data["baseline"] = dict(self.baselines[0])
+        elif self.baselines:
+            data["baseline"] = [dict(b) for b in self.baselines]
         # the file's own value: a ``--results`` given to one invocation is not written, so a
         # committed study.yaml stays the same whichever checkout or folder ran the grid
         data["results"] = self.results_as_written
@@ -247,7 +256,7 @@ def load_study(path: str | Path) -> Study:
     if "name" in overrides:
         raise _fail(path, "overrides.name: the study names its cells; use the study's name")
     axes = _read_axes(path, data, overrides)
-    baseline = _read_baseline(path, data, axes)
+    baselines = _read_baselines(path, data, axes)
     if "threads" not in overrides and "threads" not in axes:
         overrides = {**overrides, "threads": DEFAULT_THREADS}
     override_texts = tuple(
@@ -278,7 +287,7 @@ def load_study(path: str | Path) -> Study:
         overrides=dict(overrides),
         override_texts=override_texts,
         axes=axes,
-        baseline=baseline,
+        baselines=baselines,
         study_dir=study_dir,
         cells=cells,
         results_dir=Path(results),
@@ -378,23 +387,42 @@ def _read_axes(path: Path, data: dict, overrides: dict) -> dict[str, list[Any]]:
     return axes
 
 
-def _read_baseline(path: Path, data: dict, axes: dict[str, list[Any]]) -> dict[str, Any] | None:
+def _read_baselines(path: Path, data: dict, axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """``baseline``: one mapping of axis values, or a list of them (one paired table each)."""
     if "baseline" not in data:
-        return None
+        return []
     raw = data["baseline"]
+    if isinstance(raw, list) and raw:
+        entries = [(f"baseline[{i}]", entry) for i, entry in enumerate(raw)]
+    else:
+        entries = [("baseline", raw)]
+    baselines: list[dict[str, Any]] = []
+    for where, entry in entries:
+        baseline = _read_one_baseline(path, where, entry, axes)
+        if baseline in baselines:
+            raise _fail(path, f"{where}: the same baseline appears twice")
+        baselines.append(baseline)
+    return baselines
+
+
+def _read_one_baseline(
+    path: Path, where: str, raw: Any, axes: dict[str, list[Any]]
+) -> dict[str, Any]:
     if not isinstance(raw, dict) or not raw:
         raise _fail(
-            path, f"baseline: need a mapping of axis values, like {{method: ce}}; got {raw!r}"
+            path,
+            f"{where}: need a mapping of axis values, like {{method: ce}}, or a list of them; "
+            f"got {raw!r}",
         )
     for key, value in raw.items():
         if key not in axes:
-            raise _fail(path, f"baseline.{key}: not an axis of this study ({', '.join(axes)})")
+            raise _fail(path, f"{where}.{key}: not an axis of this study ({', '.join(axes)})")
         if key == SEED_AXIS:
-            raise _fail(path, "baseline.seed: differences are paired by seed; name another axis")
+            raise _fail(path, f"{where}.seed: differences are paired by seed; name another axis")
         if _hashable(value) not in {_hashable(v) for v in axes[key]}:
             raise _fail(
                 path,
-                f"baseline.{key}: {value_text(value)} is not a value of axis {key} "
+                f"{where}.{key}: {value_text(value)} is not a value of axis {key} "
                 f"({', '.join(value_text(v) for v in axes[key])})",
             )
     return dict(raw)
