@@ -412,6 +412,30 @@ def test_each_baseline_has_its_paired_table(tmp_path: Path):
     assert "| dscl | 3 |" not in page[dscl_table:]
 
 
+def test_a_baseline_on_another_axis_keeps_every_other_setting(tmp_path: Path):
+    """Only the earlier baselines of the same axes are left out of a later table: against
+    dscl.beta=8.0, method=ce at beta 2 is a comparison no earlier table holds."""
+    path = write_study(
+        tmp_path,
+        axes={"method": ["ce", "dscl"], "dscl.beta": [2.0, 8.0], "seed": [0, 1]},
+        baseline=[{"method": "ce"}, {"dscl.beta": 8.0}],
+    )
+    study = load_study(path)
+    for cell in study.cells:
+        s = cell.settings
+        fabricate(study, cell, 10.0 * (s["method"] == "dscl") + s["dscl.beta"] + s["seed"])
+    results = aggregate(study, {c.name: cell_state(study, c) for c in study.cells})
+    rows = [(r["settings"], r["against"]) for r in results["paired"]]
+    assert rows == [
+        ({"method": "dscl", "dscl.beta": 2.0}, {"method": "ce"}),
+        ({"method": "dscl", "dscl.beta": 8.0}, {"method": "ce"}),
+        ({"method": "ce", "dscl.beta": 2.0}, {"dscl.beta": 8.0}),
+        ({"method": "dscl", "dscl.beta": 2.0}, {"dscl.beta": 8.0}),
+    ]
+    assert [r["top1"]["values"] for r in results["paired"]] == [[10.0] * 2] * 2 + [[-6.0] * 2] * 2
+    assert "Not repeated" not in write_results(study, results).read_text()
+
+
 # ---------------------------------------------------------------- changes, shards, flags
 
 
@@ -960,6 +984,13 @@ def runner(study, cell):
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return {}
 
+# both processes start the study together, however long each took to import (a loaded machine)
+ready = log.parent / "ready"
+ready.mkdir(exist_ok=True)
+(ready / str(os.getpid())).touch()
+deadline = time.monotonic() + 60
+while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
 sys.exit(run_study(sys.argv[1], runner=runner))
 """
 

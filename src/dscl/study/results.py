@@ -67,9 +67,10 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict with ``cells`` (per cell: settings, finished, metrics, wall
         time), ``settings`` (per setting: n, seeds, mean/std/values of each metric and the mean
-        per-class accuracy), ``paired`` (per baseline in order, for each setting that is
-        neither that baseline nor an earlier one, named by ``against``; per metric: pairs,
-        mean, std, 95% interval or None) and ``missing`` (names of unfinished cells).
+        per-class accuracy), ``paired`` (per baseline in order, named by ``against``, for
+        each setting that is neither that baseline nor an earlier one of the same axes; per
+        metric: pairs, mean, std, 95% interval or None) and ``missing`` (names of unfinished
+        cells).
     """
     metrics: dict[str, dict] = {}
     cells_out = []
@@ -107,8 +108,8 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
 
     paired_out = []
     by_coords = {cell.coords: cell for cell in study.cells}
-    for number, baseline in enumerate(study.baselines):
-        earlier = study.baselines[:number]  # their rows against this one are negations
+    for baseline in study.baselines:
+        earlier = _negated_here(study, baseline)
         for cells in groups.values():
             settings = _setting_values(study, cells[0])
             if any(_is_baseline(b, settings) for b in (*earlier, baseline)):
@@ -130,6 +131,13 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
         "paired": paired_out,
         "cells": cells_out,
     }
+
+
+def _negated_here(study: Study, baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baselines before ``baseline`` that name the same axes: a setting that is one of them
+    has, against ``baseline``, the negation of ``baseline``'s row against it, so it is left out."""
+    earlier = study.baselines[: study.baselines.index(baseline)]
+    return [b for b in earlier if b.keys() == baseline.keys()]
 
 
 def _paired_row(
@@ -405,7 +413,7 @@ def _md_paired(
         + f"; mean ± sample std over pairs and the {CONFIDENCE:.0%} Student-t interval "
         "[low, high] (none with a single pair)."
     )
-    earlier = study.baselines[: study.baselines.index(baseline)]
+    earlier = _negated_here(study, baseline)
     if earlier:
         names = " and ".join(
             ", ".join(f"{k}={value_text(v)}" for k, v in b.items()) for b in earlier
