@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import platform
 from pathlib import Path
 
 
@@ -23,6 +25,9 @@ def cpu_flags() -> set[str]:
     return set((cpuinfo_field("flags") or "").split())
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name, where platform.processor() is often empty on Linux."""
-    return cpuinfo_field("model name")
+@functools.cache
+def processor_name() -> str | None:
+    """The CPU's model name ("AMD EPYC 7763 64-Core Processor"): /proc/cpuinfo's, since
+    platform.processor() is often empty or just "x86_64" on Linux; None where neither knows.
+    Read once per process (the answer never changes while it runs)."""
+    return cpuinfo_field("model name") or platform.processor() or None

@@ -10,7 +10,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from dscl import dist, runfiles
-from dscl.cpuinfo import cpu_flags, cpu_model
+from dscl.cpuinfo import cpu_flags, processor_name
 from dscl.errors import SetupError
 
 
@@ -184,7 +183,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = cpu_model() or platform.processor() or "unknown CPU"
+        name = processor_name() or "unknown CPU"
     return {"processor": name, "threads": torch.get_num_threads()}
 
 

@@ -423,7 +423,7 @@ def _md_paired(
     header = [*axes, "pairs", *(f"Δ {LABELS[k]}" for k in METRICS)]
     rows = []
     for row in results["paired"]:
-        if row.get("against", study.baseline) != baseline:
+        if row["against"] != baseline:
             continue
         values = [value_text(row["settings"][k]) for k in axes]
         pairs = str(len(row["pairs"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dscl import runfiles
-from dscl.cpuinfo import cpu_model
+from dscl.cpuinfo import processor_name
 from dscl.errors import ConfigError
 from dscl.runfiles import atomic_write, git_commit
 from dscl.study.cells import (
@@ -93,7 +93,7 @@ def machine_info(gpu_slot: int | None = None) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         torch_version = None
     return {
-        "processor": cpu_model() or platform.processor() or None,
+        "processor": processor_name(),
         "machine": platform.machine() or None,
         "system": platform.system() or None,
         "cpus": os.cpu_count(),
