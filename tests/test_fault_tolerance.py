@@ -324,6 +324,7 @@ def test_a_resume_on_other_hardware_says_so_and_logs_it(tmp_path: Path, monkeypa
     (record,) = [r for r in log_records(tmp_path / "moved") if "resumed_on" in r]
     assert record["written_on"] == {"processor": "Another CPU", "threads": 7}
     assert record["resumed_on"] == here and (record["epoch"], record["step"]) == (0, 2)
+    assert record["rank"] == 0 and record["stage"] == "pretrain"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +353,26 @@ def test_resume_between_the_stages_is_exact(reference: Path, tmp_path: Path, cap
     assert main(["run", "--name", "b", "--resume", *ft(tmp_path)]) == 0
     assert "stage 1 is finished" in capsys.readouterr().err
     assert_same_run(reference, run)
+
+
+def test_stage2_started_on_other_hardware_than_stage1_says_so(
+    reference: Path, tmp_path: Path, capsys
+):
+    """Resumed between the stages on another machine: stage 2 starts fresh, yet an
+    uninterrupted run would have trained it where stage 1 ran, so the move is told and logged."""
+    run = tmp_path / "m"
+    copy_files(reference, run, "pretrain.pt", "config.yaml")
+    state = load_checkpoint(run / "pretrain.pt")
+    here = state["ranks"][0]["hardware"]
+    state["ranks"][0]["hardware"] = {"processor": "Another CPU", "threads": 7}
+    torch.save(state, run / "pretrain.pt")
+    assert main(["run", "--name", "m", "--resume", *ft(tmp_path)]) == 0
+    assert "warning: this checkpoint was written on Another CPU, 7 threads" in (
+        capsys.readouterr().err
+    )
+    (record,) = [r for r in log_records(run) if "resumed_on" in r]
+    assert record["stage"] == "classifier" and (record["epoch"], record["step"]) == (0, 0)
+    assert record["written_on"]["processor"] == "Another CPU" and record["resumed_on"] == here
 
 
 def test_resume_after_stage2_only_evaluates(reference: Path, tmp_path: Path, capsys):

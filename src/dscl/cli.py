@@ -334,6 +334,11 @@ def cmd_pretrain(args, *, then_classify: bool = False) -> int:
             stage1 = plan.stage1_done
             if then_classify:
                 ctx.logger.info("stage 1 is finished; going on with stage 2")
+            if then_classify and not plan.stage2_done and plan.stage2_state is None:
+                # stage 2 starts here: an uninterrupted run would train it where stage 1 ran
+                from dscl.engine.stage import say_moved_hardware
+
+                say_moved_hardware(ctx, stage1, ctx.device, stage="classifier", epoch=0, step=0)
         code = _classify_evaluate(ctx, stage1, plan) if then_classify else 0
     ctx.logger.close()
     return code

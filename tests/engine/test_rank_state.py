@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dscl.engine import runtime
-from dscl.engine.stage import moved_hardware, rank_states, restore_rank_state
+from dscl.engine import runtime, stage
+from dscl.engine.stage import moved_hardware, rank_states, restore_rank_state, say_moved_hardware
 from dscl.errors import CheckpointError
 
 CPU = torch.device("cpu")
@@ -99,6 +99,24 @@ def test_a_checkpoint_from_other_hardware_is_told_apart():
     for other in ({"processor": "Another CPU"}, {"threads": here["threads"] + 1}):
         saved = here | other
         assert moved_hardware(_checkpoint(None, hardware=saved), CPU) == (saved, here)
+
+
+def test_every_process_s_move_is_told_by_rank_0(monkeypatch):
+    """Only rank 0 writes to the terminal and the log: a move of another process (a node of a
+    multi-node resume that changed) reaches them through the gathered check."""
+    said, logged = [], []
+    ctx = SimpleNamespace(logger=SimpleNamespace(info=said.append, log=logged.append))
+    here = runtime.hardware(CPU)
+    other = here | {"processor": "Another CPU"}
+    monkeypatch.setattr(stage.dist, "gather_objects", lambda mine: [mine, (other, here)])
+    say_moved_hardware(
+        ctx, _checkpoint(None, hardware=here), CPU, stage="pretrain", epoch=3, step=40
+    )
+    assert len(said) == 1 and said[0].startswith("warning: process 1: ")
+    assert logged == [
+        {"stage": "pretrain", "epoch": 3, "step": 40, "rank": 1}
+        | {"written_on": other, "resumed_on": here}
+    ]
 
 
 def _checkpoint(position: torch.Tensor | None, **device) -> dict:

@@ -140,18 +140,30 @@ def resume_stage(
     ctx.logger.info(
         f"resuming {plan.label} from {plan.checkpoint} at epoch {epoch + 1}, step {batch + 1}"
     )
-    moved = moved_hardware(state, parts.feed.device)
-    if moved is not None:  # said on the terminal, and kept in the run's log for good
+    step = epoch * parts.feed.steps_per_epoch + batch
+    say_moved_hardware(ctx, state, parts.feed.device, stage=plan.log_stage, epoch=epoch, step=step)
+    return epoch, batch, position
+
+
+def say_moved_hardware(
+    ctx, state: dict[str, Any], device: torch.device, *, stage: str, epoch: int, step: int
+) -> None:
+    """Tell, on the terminal and for good in the run's log, of every process that goes on from
+    ``state`` on other hardware than its rank wrote it on (:func:`moved_hardware`). Every
+    process must call it (the check is gathered to rank 0, which alone logs)."""
+    moves = dist.gather_objects(moved_hardware(state, device))
+    for rank, moved in enumerate(moves):
+        if moved is None:
+            continue
         saved, now = moved
+        who = f"process {rank}: " if len(moves) > 1 else ""
         ctx.logger.info(
-            f"warning: this checkpoint was written on {runtime.hardware_text(saved)} and the "
-            f"run resumes on {runtime.hardware_text(now)}: it goes on, but its numbers will "
+            f"warning: {who}this checkpoint was written on {runtime.hardware_text(saved)} and "
+            f"the run resumes on {runtime.hardware_text(now)}: it goes on, but its numbers will "
             f"not equal an uninterrupted run's on either"
         )
-        step = epoch * parts.feed.steps_per_epoch + batch
-        record = {"stage": plan.log_stage, "epoch": epoch, "step": step}
+        record = {"stage": stage, "epoch": epoch, "step": step, "rank": rank}
         ctx.logger.log(record | {"written_on": saved, "resumed_on": now})
-    return epoch, batch, position
 
 
 def moved_hardware(state: dict[str, Any], device: torch.device) -> tuple[dict, dict] | None:
