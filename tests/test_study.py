@@ -436,6 +436,35 @@ def test_a_baseline_on_another_axis_keeps_every_other_setting(tmp_path: Path):
     assert "Not repeated" not in write_results(study, results).read_text()
 
 
+def test_a_later_baseline_naming_more_axes_repeats_no_comparison(tmp_path: Path):
+    """Baselines whose axes overlap without being equal: a row an earlier table holds, the same
+    way round or negated, is left out and named; every other comparison stays."""
+    axes = {"method": ["ce", "dscl"], "dscl.beta": [2.0, 8.0], "seed": [0, 1]}
+
+    def pairs(baselines: list[dict]) -> tuple[list, str]:
+        study = load_study(write_study(tmp_path, axes=axes, baseline=baselines))
+        for cell in study.cells:
+            s = cell.settings
+            fabricate(study, cell, 10.0 * (s["method"] == "dscl") + s["dscl.beta"] + s["seed"])
+        results = aggregate(study, {c.name: cell_state(study, c) for c in study.cells})
+        rows = [
+            (r["settings"]["method"], r["settings"]["dscl.beta"], r["against"])
+            for r in results["paired"]
+        ]
+        return rows, write_results(study, results).read_text()
+
+    # against (dscl, 8.0): (ce, 8.0) would negate "(dscl, 8.0) - (ce, 8.0)" of the first table
+    rows, page = pairs([{"method": "ce"}, {"method": "dscl", "dscl.beta": 8.0}])
+    later = {"method": "dscl", "dscl.beta": 8.0}
+    assert [(m, b) for m, b, against in rows if against == later] == [("ce", 2.0), ("dscl", 2.0)]
+    assert "Not repeated: method=ce, dscl.beta=8.0, whose row would be the negation of one" in page
+    # against (ce, 2.0): (dscl, 2.0) would be "(dscl, 2.0) - (ce, 2.0)" of the first table again
+    rows, page = pairs([{"method": "ce"}, {"method": "ce", "dscl.beta": 2.0}])
+    later = {"method": "ce", "dscl.beta": 2.0}
+    assert [(m, b) for m, b, against in rows if against == later] == [("ce", 8.0), ("dscl", 8.0)]
+    assert "Not repeated: method=dscl, dscl.beta=2.0, whose row would repeat one above." in page
+
+
 # ---------------------------------------------------------------- changes, shards, flags
 
 

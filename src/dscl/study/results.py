@@ -1,10 +1,11 @@
 """Aggregating a study's finished cells: ``results.json``, ``RESULTS.md`` and ``study.png``.
 
 A *setting* is a point of the grid without the seed axis. Per setting: mean and sample standard
-deviation over seeds of top-1, Many, Medium and Few. Per non-baseline setting: the paired
-difference to the baseline (same seed and same value of every axis the baseline does not name)
-with its mean, sample standard deviation and 95% Student-t interval. Everything written is a
-function of the finished cells alone (no clock), so re-aggregating gives identical files.
+deviation over seeds of top-1, Many, Medium and Few. Per baseline (a study may name several), per
+other setting: the paired difference to the baseline (same seed and same value of every axis the
+baseline does not name) with its mean, sample standard deviation and 95% Student-t interval.
+Everything written is a function of the finished cells alone (no clock), so re-aggregating gives
+identical files.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ def _setting_values(study: Study, cell: Cell) -> dict[str, Any]:
     return {k: v for k, v in cell.settings.items() if k != study.seed_axis}
 
 
-def _is_baseline(baseline: dict[str, Any], settings: dict[str, Any]) -> bool:
-    return all(value_text(settings[k]) == value_text(v) for k, v in baseline.items())
-
-
 def _partner(
     study: Study, baseline: dict[str, Any], cell: Cell, by_coords: dict[tuple[int, ...], Cell]
 ) -> Cell:
@@ -68,7 +65,8 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
         A JSON-serialisable dict with ``cells`` (per cell: settings, finished, metrics, wall
         time), ``settings`` (per setting: n, seeds, mean/std/values of each metric and the mean
         per-class accuracy), ``paired`` (per baseline in order, named by ``against``, for
-        each setting that is neither that baseline nor an earlier one of the same axes; per
+        each setting that is not that baseline and whose row no earlier table holds, negated
+        or not (:func:`_pairings`); per
         metric: pairs, mean, std, 95% interval or None) and ``missing`` (names of unfinished
         cells).
     """
@@ -87,9 +85,7 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
                 entry[key] = record.get(key)
         cells_out.append(entry)
 
-    groups: dict[tuple[int, ...], list[Cell]] = {}
-    for cell in study.cells:
-        groups.setdefault(_setting_key(study, cell), []).append(cell)
+    groups = _groups(study)
     settings_out = []
     for cells in groups.values():
         done = [c for c in cells if c.name in metrics]
@@ -106,15 +102,12 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
             row["per_class"]["class_names"] = _class_names(study, done)
         settings_out.append(row)
 
-    paired_out = []
     by_coords = {cell.coords: cell for cell in study.cells}
-    for baseline in study.baselines:
-        earlier = _negated_here(study, baseline)
-        for cells in groups.values():
-            settings = _setting_values(study, cells[0])
-            if any(_is_baseline(b, settings) for b in (*earlier, baseline)):
-                continue
-            paired_out.append(_paired_row(study, baseline, cells, by_coords, metrics))
+    paired_out = [
+        _paired_row(study, baseline, cells, by_coords, metrics)
+        for baseline, cells, left_out in _pairings(study)
+        if left_out is None
+    ]
 
     return {
         "study": study.name,
@@ -133,11 +126,38 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _negated_here(study: Study, baseline: dict[str, Any]) -> list[dict[str, Any]]:
-    """The baselines before ``baseline`` that name the same axes: a setting that is one of them
-    has, against ``baseline``, the negation of ``baseline``'s row against it, so it is left out."""
-    earlier = study.baselines[: study.baselines.index(baseline)]
-    return [b for b in earlier if b.keys() == baseline.keys()]
+def _groups(study: Study) -> dict[tuple[int, ...], list[Cell]]:
+    """The cells of each setting (their seeds), by :func:`_setting_key`, in grid order."""
+    groups: dict[tuple[int, ...], list[Cell]] = {}
+    for cell in study.cells:
+        groups.setdefault(_setting_key(study, cell), []).append(cell)
+    return groups
+
+
+def _pairings(study: Study) -> list[tuple[dict[str, Any], list[Cell], str | None]]:
+    """Each baseline in turn with each setting that is not that baseline:
+    ``(baseline, the setting's cells, why it is left out or None)``. A setting is left out
+    ("negation") when an earlier table holds its partner against it, or ("repeat") the same
+    two settings the same way round: e.g. against ``method: dscl`` after ``method: ce``, the
+    row of ce would be the negation of dscl's row above."""
+    by_coords = {cell.coords: cell for cell in study.cells}
+    shown: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    out = []
+    for baseline in study.baselines:
+        for mine, cells in _groups(study).items():
+            theirs = _setting_key(study, _partner(study, baseline, cells[0], by_coords))
+            if theirs == mine:  # the baseline itself
+                continue
+            left_out = (
+                "negation"
+                if (theirs, mine) in shown
+                else "repeat"
+                if (mine, theirs) in shown
+                else None
+            )
+            shown.add((mine, theirs))
+            out.append((baseline, cells, left_out))
+    return out
 
 
 def _paired_row(
@@ -400,6 +420,28 @@ def _md_accuracy(study: Study, results: dict[str, Any], axes: list[str]) -> list
     return [*out, *_table(header, rows), ""]
 
 
+def _left_out_note(study: Study, baseline: dict[str, Any]) -> str:
+    """The sentence naming the settings :func:`_pairings` leaves out of ``baseline``'s table
+    ("" when none is)."""
+    said = {  # (one setting, several)
+        "negation": (
+            "whose row would be the negation of one above",
+            "whose rows would negate rows above",
+        ),
+        "repeat": ("whose row would repeat one above", "whose rows would repeat rows above"),
+    }
+    parts = []
+    for reason, (one, several) in said.items():
+        names = [
+            ", ".join(f"{k}={value_text(v)}" for k, v in _setting_values(study, cells[0]).items())
+            for b, cells, left_out in _pairings(study)
+            if b == baseline and left_out == reason
+        ]
+        if names:
+            parts.append(f"{' and '.join(names)}, {one if len(names) == 1 else several}")
+    return f" Not repeated: {'; '.join(parts)}." if parts else ""
+
+
 def _md_paired(
     study: Study, baseline: dict[str, Any], results: dict[str, Any], axes: list[str]
 ) -> list[str]:
@@ -413,12 +455,7 @@ def _md_paired(
         + f"; mean ± sample std over pairs and the {CONFIDENCE:.0%} Student-t interval "
         "[low, high] (none with a single pair)."
     )
-    earlier = _negated_here(study, baseline)
-    if earlier:
-        names = " and ".join(
-            ", ".join(f"{k}={value_text(v)}" for k, v in b.items()) for b in earlier
-        )
-        out[-1] += f" Not repeated: {names}, whose row would be the negation of one above."
+    out[-1] += _left_out_note(study, baseline)
     out.append("")
     header = [*axes, "pairs", *(f"Δ {LABELS[k]}" for k in METRICS)]
     rows = []
