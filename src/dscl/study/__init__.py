@@ -115,8 +115,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument(
         "--status",
         action="store_true",
-        help="print each cell's state (finished, running, pending, failed, not started); "
-        "run nothing",
+        help="print each cell's state (finished, running, pending, failed, interrupted, "
+        "not started); run nothing",
     )
     p.add_argument(
         "--wait",
