@@ -1150,6 +1150,40 @@ def test_progress_line_says_what_its_estimate_covers():
     assert lines[-1] == f"study s: [3/5] c2: running; {eta}"
 
 
+def test_progress_estimates_each_cell_left_from_its_setting():
+    """A study resumed in a new session: the cells finished before (with their recorded wall
+    times) give each remaining cell its setting's mean; a setting with none yet takes the mean
+    of all; cells finished or skipped since drop out of the estimate."""
+    import io
+    from types import SimpleNamespace
+
+    from dscl.study.progress import Progress
+
+    cell = {
+        n: SimpleNamespace(name=n, method=n.split("-")[0])
+        for n in ("ce-0", "bcl-0", "bcl-1", "paco-0", "paco-1", "new-0", "new-1")
+    }
+    out = io.StringIO()
+    todo = [cell[n] for n in ("bcl-1", "paco-1", "new-0", "new-1")]
+    known = [(cell["ce-0"], 1000.0), (cell["bcl-0"], 3000.0), (cell["paco-0"], 2000.0)]
+    progress = Progress(7, 3, "s", out, todo=todo, known=known, setting=lambda c: c.method)
+    progress.start(cell["bcl-1"])
+    # bcl 3000 + paco 2000 + two of the new setting at the mean of all (2000 each)
+    assert out.getvalue().splitlines()[-1] == (
+        "study s: [4/7] bcl-1: running; 4 cells left, each at its setting's mean wall time so "
+        "far: about 2 h 30 min"
+    )
+    progress.finish(cell["bcl-1"], 5000.0)  # bcl's mean is now 4000 s
+    progress.skip(cell["new-0"], "claimed by process 1")
+    progress.start(cell["paco-1"], jobs=2)
+    # paco 2000 + new at the mean of all (11000 / 4 = 2750), over two jobs: 2375 s
+    assert (
+        out.getvalue()
+        .splitlines()[-1]
+        .endswith("2 cells left, each at its setting's mean wall time so far: about 39 min 35 s")
+    )
+
+
 def test_a_1000_class_cell_is_committed_small(tmp_path: Path):
     """At ImageNet-LT's scale (1,000 classes, 50 test images each) the run folder's metrics.json
     is about 6 MB, nearly all confusion matrix; the committed copy keeps what the aggregate and

@@ -37,11 +37,6 @@ def _read_metrics(study: Study, cell: Cell) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _setting_key(study: Study, cell: Cell) -> tuple[int, ...]:
-    """The cell's coordinates without the seed axis."""
-    return tuple(c for k, c in zip(study.axes, cell.coords, strict=True) if k != study.seed_axis)
-
-
 def _setting_values(study: Study, cell: Cell) -> dict[str, Any]:
     return {k: v for k, v in cell.settings.items() if k != study.seed_axis}
 
@@ -127,10 +122,10 @@ def aggregate(study: Study, states: dict[str, str]) -> dict[str, Any]:
 
 
 def _groups(study: Study) -> dict[tuple[int, ...], list[Cell]]:
-    """The cells of each setting (their seeds), by :func:`_setting_key`, in grid order."""
+    """The cells of each setting (their seeds), by :meth:`Study.setting_key`, in grid order."""
     groups: dict[tuple[int, ...], list[Cell]] = {}
     for cell in study.cells:
-        groups.setdefault(_setting_key(study, cell), []).append(cell)
+        groups.setdefault(study.setting_key(cell), []).append(cell)
     return groups
 
 
@@ -145,7 +140,7 @@ def _pairings(study: Study) -> list[tuple[dict[str, Any], list[Cell], str | None
     out = []
     for baseline in study.baselines:
         for mine, cells in _groups(study).items():
-            theirs = _setting_key(study, _partner(study, baseline, cells[0], by_coords))
+            theirs = study.setting_key(_partner(study, baseline, cells[0], by_coords))
             if theirs == mine:  # the baseline itself
                 continue
             left_out = (

@@ -38,6 +38,7 @@ from dscl.study.cells import (
     cell_dir,
     cell_state,
     collect_cell,
+    read_cell_record,
 )
 from dscl.study.claims import Claims, _describe_claim
 from dscl.study.progress import Progress
@@ -296,6 +297,21 @@ def _run_jobs(work: Callable[[int], None], jobs: int) -> None:
             thread.join(timeout=0.2)
 
 
+def _progress(study: Study, cells: list[Cell], todo: list[Cell], label: str, stream) -> Progress:
+    """The display over ``cells``, its estimates from the wall times of the finished ones
+    (their ``cell.json``, earlier sessions' included) by setting."""
+    waiting = {cell.name for cell in todo}
+    known = []
+    for cell in cells:
+        wall = None if cell.name in waiting else (read_cell_record(study, cell) or {}).get("wall_s")
+        if isinstance(wall, (int, float)):
+            known.append((cell, float(wall)))
+    done = len(cells) - len(todo)
+    return Progress(
+        len(cells), done, label, stream, todo=todo, known=known, setting=study.setting_key
+    )
+
+
 def run_cells(
     study: Study,
     cells: list[Cell],
@@ -325,8 +341,7 @@ def run_cells(
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: need at least 1")
     todo = [cell for cell in cells if states[cell.name] != FINISHED]
-    done = len(cells) - len(todo)
-    progress = Progress(len(cells), done, label or study.name, stream)
+    progress = _progress(study, cells, todo, label or study.name, stream)
     claims = Claims(study, progress.stream)
     lock = threading.Lock()
     queue = list(todo)
@@ -341,8 +356,7 @@ def run_cells(
                     return None
                 cell = queue.pop(0)
             if cell_state(study, cell) == FINISHED:  # another process finished it meanwhile
-                with lock:
-                    progress.done += 1
+                progress.finished_elsewhere(cell)
                 continue
             if claims.take(cell):
                 return cell

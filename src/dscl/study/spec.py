@@ -120,6 +120,11 @@ class Study:
         """The axis averaged over (``seed``), if the grid has one."""
         return SEED_AXIS if SEED_AXIS in self.axes else None
 
+    def setting_key(self, cell: Cell) -> tuple[int, ...]:
+        """The cell's coordinates without the seed axis: the same for every seed of a setting."""
+        axes = zip(self.axes, cell.coords, strict=True)
+        return tuple(c for k, c in axes if k != self.seed_axis)
+
     def to_yaml(self) -> str:
         """The study as resolved: a valid study file that reproduces this grid."""
         data: dict[str, Any] = {"name": self.name}
