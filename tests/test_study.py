@@ -1001,9 +1001,19 @@ from dscl.config import config_to_yaml
 
 log = Path(sys.argv[2])
 
+def wait_for_both(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
 def runner(study, cell):
     with open(log, "a") as handle:
         handle.write(f"{os.getpid()} {cell.name}\\n")
+    # each holds its first cell until the other has one too, so neither can claim them all
+    # before the other gets going, however slow its start on a loaded machine
+    wait_for_both(log.parent / "training")
     time.sleep(0.4)
     folder = study.study_dir / cell.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -1013,13 +1023,7 @@ def runner(study, cell):
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return {}
 
-# both processes start the study together, however long each took to import (a loaded machine)
-ready = log.parent / "ready"
-ready.mkdir(exist_ok=True)
-(ready / str(os.getpid())).touch()
-deadline = time.monotonic() + 60
-while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
-    time.sleep(0.01)
+wait_for_both(log.parent / "ready")  # both start the study together
 sys.exit(run_study(sys.argv[1], runner=runner))
 """
 
