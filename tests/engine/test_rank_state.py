@@ -119,6 +119,18 @@ def test_every_process_s_move_is_told_by_rank_0(monkeypatch):
     ]
 
 
+def test_on_a_gpu_only_the_gpu_model_counts(monkeypatch):
+    """A GPU run's arithmetic is the GPU's: resuming on the same model with another number of
+    host threads is no move; another GPU model is."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    here = runtime.hardware(gpu)
+    fewer = here | {"threads": here["threads"] + 3}
+    assert moved_hardware(_checkpoint(None, hardware=fewer), gpu) is None
+    other = here | {"processor": "NVIDIA A100"}
+    assert moved_hardware(_checkpoint(None, hardware=other), gpu) == (other, here)
+
+
 def _checkpoint(position: torch.Tensor | None, **device) -> dict:
     return {"ranks": [{"rng": runtime.rng_state(CPU), "feed": position, **device}]}
 

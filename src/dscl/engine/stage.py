@@ -168,15 +168,18 @@ def say_moved_hardware(
 
 def moved_hardware(state: dict[str, Any], device: torch.device) -> tuple[dict, dict] | None:
     """``(saved, now)`` when this process resumes a checkpoint its rank wrote on other hardware
-    (another CPU or GPU model, another thread count: :func:`runtime.hardware`), else None. The
-    run goes on, but its digits from there are not those of an uninterrupted run on either."""
+    (another CPU or GPU model, or on a CPU another thread count: :func:`runtime.hardware`), else
+    None. The run goes on, but its digits from there are not those of an uninterrupted run on
+    either. On a GPU the host's thread count is left out: the arithmetic runs on the GPU, and a
+    job requeued on a node with other cores would be told of a move that changes nothing."""
     ranks = state.get("ranks") or []
     rank = dist.get_rank()
     saved = ranks[rank].get("hardware") if rank < len(ranks) else None
     if saved is None:  # older checkpoints do not say
         return None
     now = runtime.hardware(device)
-    return None if saved == now else (saved, now)
+    keys = ("processor",) if device.type == "cuda" else ("processor", "threads")
+    return None if all(saved.get(k) == now.get(k) for k in keys) else (saved, now)
 
 
 def train_stage(
