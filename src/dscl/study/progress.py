@@ -95,8 +95,8 @@ class Progress:
             self.walls.setdefault(self.setting(cell), []).append(seconds)
 
     def _estimate(self, jobs: int) -> str:
-        """ "; N cells left ...: about T" (the starting cell included), or "" with nothing
-        measured yet."""
+        """The estimate's text, "; N cells left ...: about T" (the starting cell included), or
+        "" with nothing measured yet."""
         if self.setting is not None and self.walls and self.left:
             every = [s for walls in self.walls.values() for s in walls]
             overall = sum(every) / len(every)
