@@ -137,9 +137,9 @@ def _pairings(study: Study) -> list[tuple[dict[str, Any], list[Cell], str | None
     row of ce would be the negation of dscl's row above."""
     by_coords = {cell.coords: cell for cell in study.cells}
     shown: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
-    out = []
+    out, groups = [], _groups(study)
     for baseline in study.baselines:
-        for mine, cells in _groups(study).items():
+        for mine, cells in groups.items():
             theirs = study.setting_key(_partner(study, baseline, cells[0], by_coords))
             if theirs == mine:  # the baseline itself
                 continue
@@ -425,11 +425,11 @@ def _left_out_note(study: Study, baseline: dict[str, Any]) -> str:
         ),
         "repeat": ("whose row would repeat one above", "whose rows would repeat rows above"),
     }
-    parts = []
+    parts, pairings = [], _pairings(study)
     for reason, (one, several) in said.items():
         names = [
             ", ".join(f"{k}={value_text(v)}" for k, v in _setting_values(study, cells[0]).items())
-            for b, cells, left_out in _pairings(study)
+            for b, cells, left_out in pairings
             if b == baseline and left_out == reason
         ]
         if names:
